@@ -1,0 +1,348 @@
+"""Settings: one YAML file (``RELAY_CONFIG``) plus ``RELAY_*`` environment variables.
+
+Secrets are referenced, never written in the file: ``${ENV_NAME}``, ``${ENV_NAME:-default}`` or
+``${file:/path/to/secret}``. Every error names the file, the path inside it and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from services.common.events import EventName
+
+TARGETS = ("maxma", "cpahouse", "weeek", "plarin")
+Target = Literal["maxma", "cpahouse", "weeek", "plarin"]
+
+_REF = re.compile(r"\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+MIN_TOKEN_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str()`` is the message for the operator (file, path, fix)."""
+
+    def __init__(self, problems: Sequence[str], file: str | None = None) -> None:
+        self.problems = list(problems)
+        self.file = file
+        where = file or "configuration"
+        lines = [f"{where}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KlientiksApi(Strict):
+    """Klientiks REST API credentials of a source (enrichment of thin webhooks)."""
+
+    account_id: str
+    user_id: str
+    access_token: SecretStr
+    base_url: str = "https://klientiks.ru/clientix/Restapi"
+    rate_limit_per_s: float = Field(1.0, gt=0)
+
+
+class ConnectionConfig(BaseModel):
+    """A source's link to one target. Target-specific keys are validated by that target's service."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    target: Target
+    name: str = ""
+    enabled: bool = True
+    # Klientiks event -> target action, e.g. {"client-created": "new-client"}.
+    events: dict[EventName, str] = Field(min_length=1)
+    rate_limit_per_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _default_name(self) -> ConnectionConfig:
+        if not self.name:
+            object.__setattr__(self, "name", self.target)
+        return self
+
+
+class SourceConfig(Strict):
+    """One Klientiks account sending webhooks."""
+
+    name: str
+    token: SecretStr
+    timezone: str = "Europe/Moscow"
+    phone_region: str = "RU"
+    klientiks: KlientiksApi | None = None
+    connections: list[ConnectionConfig] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                f"source name {v!r} must be lowercase letters, digits, '-' or '_' (it is part of Kafka keys); "
+                "fix: rename it, e.g. 'salon-center'"
+            )
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < MIN_TOKEN_LENGTH or not re.fullmatch(
+            r"[A-Za-z0-9_-]+", v.get_secret_value()
+        ):
+            raise ValueError(
+                f"token must be at least {MIN_TOKEN_LENGTH} URL-safe characters (it is the webhook credential); "
+                "fix: generate one with `relay token`"
+            )
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {v!r}; fix: use an IANA name such as 'Europe/Moscow'"
+            ) from None
+        return v
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        v = v.upper()
+        if v not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown phone region {v!r}; fix: use an ISO 3166 code such as 'RU' or 'KZ'")
+        return v
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class KafkaSettings(Strict):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # Real Kafka: on. Tansu (embedded) cannot do idempotent producers.
+    enable_idempotence: bool = True
+    # A dead broker must surface fast on the ingest path.
+    request_timeout_ms: int = Field(5000, ge=500)
+    # Tansu joins a group in session_timeout_ms / 2.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    # Tansu does not wake a waiting fetch when data arrives.
+    fetch_max_wait_ms: int = Field(20, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    partitions: dict[str, int] = Field(default_factory=dict)
+    client_id: str = "klientiks-relay"
+
+
+class Settings(BaseSettings):
+    """Process settings: the YAML file first, ``RELAY_*`` variables override (``RELAY_KAFKA__BOOTSTRAP_SERVERS``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    config: Path | None = None
+    kafka: KafkaSettings = KafkaSettings()
+    database_url: str = "sqlite+aiosqlite:///relay.db"
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Test-only crash points (see services.common.failpoints); empty in production.
+    failpoints: frozenset[str] = frozenset()
+    sources: list[SourceConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file, the opposite of pydantic-settings' default.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}; fix: rename one")
+        tokens = [s.token.get_secret_value() for s in self.sources]
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("two sources share a token; fix: give each source its own `relay token`")
+        for s in self.sources:
+            cnames = [c.name for c in s.connections]
+            if len(set(cnames)) != len(cnames):
+                raise ValueError(
+                    f"source {s.name!r} has two connections with the same name; "
+                    "fix: set `name:` on each connection to the same target"
+                )
+        return self
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _resolve(value: str, path: str, base: Path) -> tuple[str, list[str]]:
+    problems: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        ref, default = m.group(1).strip(), m.group(2)
+        if ref.startswith("file:"):
+            f = Path(ref[5:].strip())
+            f = f if f.is_absolute() else base / f
+            try:
+                return f.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                problems.append(
+                    f"{path}: cannot read secret file {str(f)!r} ({e.strerror}); fix: mount or create it"
+                )
+                return ""
+        if ref in os.environ:
+            return os.environ[ref]
+        if default is not None:
+            return default
+        problems.append(
+            f"{path}: environment variable {ref} is not set; fix: export {ref}=... or use ${{{ref}:-default}}"
+        )
+        return ""
+
+    return _REF.sub(sub, value), problems
+
+
+def _substitute(node: Any, path: str, base: Path, problems: list[str]) -> Any:
+    if isinstance(node, str):
+        value, p = _resolve(node, path or "<root>", base)
+        problems.extend(p)
+        return value
+    if isinstance(node, Mapping):
+        return {k: _substitute(v, f"{path}.{k}" if path else str(k), base, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute(v, f"{path}[{i}]", base, problems) for i, v in enumerate(node)]
+    return node
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "model-")) or part in {"str", "int"}:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+_FIXES = {
+    "missing": "add this key",
+    "extra_forbidden": "remove it, or check its spelling against docs/configuration.md",
+    "literal_error": "use one of the values listed",
+    "enum": "use one of the values listed",
+    "string_type": "quote the value as a string",
+    "int_parsing": "use a whole number",
+    "float_parsing": "use a number",
+    "bool_parsing": "use true or false",
+    "greater_than": "use a larger number",
+    "too_short": "add at least one entry",
+}
+
+
+def validation_problems(err: ValidationError, prefix: str = "") -> list[str]:
+    """Turn a pydantic error into ``path: message; fix: ...`` lines."""
+    out = []
+    for e in err.errors(include_url=False):
+        loc = format_loc(e["loc"])
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "<root>" else prefix
+        msg = e["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(e["type"])
+        if fix and "fix:" not in msg:
+            msg = f"{msg}; fix: {fix}"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read the YAML file and resolve its ``${...}`` references."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(
+            [f"cannot read the file ({e.strerror}); fix: set RELAY_CONFIG to an existing file"], str(path)
+        ) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(
+            [f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix: check indentation and quoting"],
+            str(path),
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: the file must be a mapping with keys such as `sources:`"], str(path))
+    problems: list[str] = []
+    data = _substitute(raw, "", path.parent, problems)
+    if problems:
+        raise ConfigError(problems, str(path))
+    return dict(data)
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from the file named by ``config`` or ``RELAY_CONFIG``; raise ConfigError."""
+    path = (
+        Path(config)
+        if config
+        else (Path(os.environ["RELAY_CONFIG"]) if os.environ.get("RELAY_CONFIG") else None)
+    )
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    data.update(overrides)
+    if path:
+        data["config"] = path
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(validation_problems(e), str(path) if path else "environment") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def target_connections(settings: Settings, target: str, model: type[M]) -> Iterator[tuple[SourceConfig, M]]:
+    """Yield (source, typed connection) for every enabled connection to ``target``; raise ConfigError."""
+    problems: list[str] = []
+    found: list[tuple[SourceConfig, M]] = []
+    for si, source in enumerate(settings.sources):
+        for ci, conn in enumerate(source.connections):
+            if conn.target != target or not conn.enabled:
+                continue
+            try:
+                found.append((source, model.model_validate(conn.model_dump())))
+            except ValidationError as e:
+                problems.extend(validation_problems(e, f"sources[{si}].connections[{ci}]"))
+    if problems:
+        raise ConfigError(problems, str(settings.config) if settings.config else "environment")
+    return iter(found)

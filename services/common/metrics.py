@@ -1,0 +1,44 @@
+"""Every project metric, declared once. No per-tenant labels: their cardinality is unbounded."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+WEBHOOKS = Counter(
+    "relay_webhooks_received_total",
+    "Webhook requests by event and outcome (accepted, not_found, too_large, bad_request, unavailable).",
+    ["event", "outcome"],
+)
+WEBHOOK_LATENCY = Histogram(
+    "relay_webhook_request_seconds", "Time to answer a webhook request.", ["event"], buckets=_LATENCY
+)
+INBOX_PUBLISH_LATENCY = Histogram(
+    "relay_inbox_publish_seconds",
+    "Time to publish one raw webhook to the inbox with acks=all.",
+    buckets=_LATENCY,
+)
+NORMALIZED = Counter("relay_events_normalized_total", "Inbox records turned into events.", ["event"])
+QUARANTINED = Counter("relay_events_quarantined_total", "Inbox records sent to quarantine.", ["reason"])
+MISSING_VALUES = Counter(
+    "relay_webhook_missing_values_total",
+    "Parameters that arrived empty or as an unrendered placeholder (never sent on as data).",
+    ["event", "field", "kind"],
+)
+DELIVERIES = Counter(
+    "relay_deliveries_total",
+    "Delivery outcomes by target and action (success, duplicate, retryable, permanent).",
+    ["target", "action", "outcome"],
+)
+ATTEMPT_LATENCY = Histogram(
+    "relay_delivery_attempt_seconds",
+    "Duration of one call to a target.",
+    ["target", "action"],
+    buckets=_LATENCY,
+)
+END_TO_END = Histogram(
+    "relay_end_to_end_seconds", "From webhook received to target confirmed.", ["target"], buckets=_LATENCY
+)
+IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Deliveries currently being attempted.", ["target"])
+DLQ = Counter("relay_dlq_total", "Events sent to the dead-letter topic.", ["target", "class"])

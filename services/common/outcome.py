@@ -1,0 +1,56 @@
+"""What one call to a target came to: success, retryable or permanent, classified where it arises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class OutcomeKind(StrEnum):
+    SUCCESS = "success"
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: OutcomeKind
+    reason: str = ""
+    http_status: int | None = None
+    vendor_code: str | None = None
+    # Seconds the target asked us to wait (Retry-After), if it did.
+    retry_after: float | None = None
+    # The target's id for what we created (e.g. a Maxma card number), kept in the ledger.
+    target_ref: str | None = None
+
+    @classmethod
+    def success(
+        cls,
+        reason: str = "",
+        *,
+        http_status: int | None = None,
+        vendor_code: str | None = None,
+        target_ref: str | None = None,
+    ) -> Outcome:
+        return cls(OutcomeKind.SUCCESS, reason, http_status, vendor_code, None, target_ref)
+
+    @classmethod
+    def retryable(
+        cls,
+        reason: str,
+        *,
+        http_status: int | None = None,
+        vendor_code: str | None = None,
+        retry_after: float | None = None,
+    ) -> Outcome:
+        return cls(OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after)
+
+    @classmethod
+    def permanent(
+        cls, reason: str, *, http_status: int | None = None, vendor_code: str | None = None
+    ) -> Outcome:
+        return cls(OutcomeKind.PERMANENT, reason, http_status, vendor_code)
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is OutcomeKind.SUCCESS

@@ -1,0 +1,90 @@
+"""The normalizer role: inbox records to typed events on ``klientiks.events.v1``; the rest to quarantine."""
+
+from __future__ import annotations
+
+import asyncio
+
+from faststream import AckPolicy
+from faststream.asgi import AsgiFastStream
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
+
+from services.common.config import Settings
+from services.common.events import EventName
+from services.common.http import worker_routes
+from services.common.kafka import EVENTS, INBOX, QUARANTINE, consumer_options, ensure_topics, make_broker
+from services.common.logging import get_logger
+from services.common.metrics import MISSING_VALUES, NORMALIZED, QUARANTINED
+from services.ingest.inbox import InboxRecord
+from services.ingest.parsing import KNOWN, Normalized, Rejected, normalize
+
+GROUP = "relay-normalizer"
+# Publishing failed (broker away): wait before the record is fetched again, not a hot loop.
+REDELIVERY_PAUSE_S = 1.0
+
+log = get_logger("relay.ingest.normalizer")
+
+
+def create_normalizer(settings: Settings) -> AsgiFastStream:
+    """Assemble the normalizer. Nothing connects until the app starts."""
+    broker = make_broker(settings.kafka, middlewares=[KafkaPrometheusMiddleware(registry=REGISTRY)])
+    sources = {s.name: s for s in settings.sources}
+
+    async def quarantine(raw: bytes, key: bytes | None, reason: str, detail: str) -> None:
+        await broker.publish(raw, QUARANTINE, key=key, headers={"reason": reason, "detail": detail[:500]})
+        QUARANTINED.labels(reason).inc()
+        log.warning("inbox record quarantined", reason=reason, detail=detail)
+
+    @broker.subscriber(INBOX, ack_policy=AckPolicy.MANUAL, **consumer_options(settings.kafka, GROUP))
+    async def handle(msg: KafkaMessage) -> None:
+        raw: bytes = msg.raw_message.value  # type: ignore[union-attr]
+        key: bytes | None = msg.raw_message.key  # type: ignore[union-attr]
+        try:
+            try:
+                record = InboxRecord.from_bytes(raw)
+            except ValidationError as e:
+                await quarantine(raw, key, "bad_record", str(e))
+            else:
+                await _normalize_one(record, raw, key)
+            await msg.ack()
+        except Exception as e:
+            log.error("normalizer failed; the record will be read again", error=repr(e))
+            await asyncio.sleep(REDELIVERY_PAUSE_S)
+            await msg.nack()
+
+    async def _normalize_one(record: InboxRecord, raw: bytes, key: bytes | None) -> None:
+        source = sources.get(record.source)
+        if source is None:
+            await quarantine(raw, key, "unknown_source", f"source {record.source!r} is not configured")
+            return
+        result = normalize(record, zone=source.zone, phone_region=source.phone_region)
+        if isinstance(result, Rejected):
+            await quarantine(raw, key, result.reason, result.detail)
+            return
+        assert isinstance(result, Normalized)
+        event = result.event
+        await broker.publish(
+            event.kafka_value(),
+            EVENTS,
+            key=result.key.encode(),
+            headers={k: v.decode() for k, v in event.kafka_headers()},
+        )
+        name = EventName(record.event).value
+        NORMALIZED.labels(name).inc()
+        for field, kind in result.missing:
+            # Keys are the sender's choice: only known ones become label values.
+            MISSING_VALUES.labels(name, field if field in KNOWN else "other", kind).inc()
+        log.info(
+            "event normalized",
+            source=record.source,
+            webhook=name,
+            event_id=event.id,
+            missing=[f"{f}:{k}" for f, k in result.missing],
+        )
+
+    async def startup() -> None:
+        await ensure_topics(settings.kafka)
+
+    return AsgiFastStream(broker, asgi_routes=worker_routes(broker), on_startup=[startup])

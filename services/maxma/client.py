@@ -1,0 +1,111 @@
+"""The Maxma API client: the only code that knows Maxma's URLs and error codes."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import time
+from datetime import UTC
+from typing import Any
+
+import httpx
+
+from services.common.outcome import Outcome
+
+# Maxma answers processing errors as HTTP 200 with {"errorCode": N, "description": ...}.
+ALREADY_EXISTS = {
+    24: "a client with this phone already exists",
+    30: "a client with this externalId already exists",
+}
+ALREADY_DONE = {17: "already processed", 32: "order already processed"}
+TRY_LATER = {1: "general error", 49: "temporarily unavailable"}
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now if now is not None else time.time()
+    return max(0.0, when.timestamp() - current)
+
+
+def classify(status: int, headers: httpx.Headers, body: bytes) -> Outcome:
+    """Success, retryable or permanent, from one HTTP answer of Maxma."""
+    if status == 429 or status >= 500:
+        return Outcome.retryable(
+            f"HTTP {status}", http_status=status, retry_after=parse_retry_after(headers.get("retry-after"))
+        )
+    data: Any = None
+    with contextlib.suppress(ValueError):
+        data = httpx.Response(status, content=body).json()
+    code = data.get("errorCode") if isinstance(data, dict) else None
+    if status in (401, 403):
+        return Outcome.permanent(
+            f"HTTP {status}: the processing key was refused",
+            http_status=status,
+            vendor_code=str(code) if code is not None else None,
+        )
+    if not isinstance(data, dict):
+        # A proxy or maintenance page instead of Maxma's JSON.
+        if status == 200:
+            return Outcome.retryable("HTTP 200 without a JSON object", http_status=status)
+        return Outcome.permanent(f"HTTP {status} without a JSON object", http_status=status)
+    if code is not None and code != 0:
+        desc = str(data.get("description") or "")
+        vc = str(code)
+        if code in ALREADY_EXISTS:
+            return Outcome.success(ALREADY_EXISTS[code], http_status=status, vendor_code=vc)
+        if code in ALREADY_DONE:
+            return Outcome.success(ALREADY_DONE[code], http_status=status, vendor_code=vc)
+        if code in TRY_LATER:
+            return Outcome.retryable(
+                f"Maxma {code}: {desc or TRY_LATER[code]}", http_status=status, vendor_code=vc
+            )
+        return Outcome.permanent(f"Maxma {code}: {desc}", http_status=status, vendor_code=vc)
+    if status != 200:
+        return Outcome.permanent(f"HTTP {status}", http_status=status)
+    client = data.get("client")
+    ref = None
+    if isinstance(client, dict):
+        ref = client.get("cardString") or client.get("card") or client.get("externalId")
+    return Outcome.success(http_status=status, target_ref=str(ref) if ref is not None else None)
+
+
+class MaxmaClient:
+    """One Maxma account (one processing key)."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, processing_key: str, timeout_s: float) -> None:
+        self._http = http
+        self._base = base_url.rstrip("/")
+        self._key = processing_key
+        self._timeout = timeout_s
+
+    async def call(self, method: str, body: dict[str, Any], *, idempotency_key: str) -> Outcome:
+        headers = {
+            "X-Processing-Key": self._key,
+            "Accept": "application/json",
+            "Accept-Language": "ru",
+            # Maxma documents no such header; receivers that log it can still dedupe by it.
+            "Idempotency-Key": idempotency_key,
+        }
+        try:
+            resp = await self._http.post(
+                f"{self._base}/{method}", json=body, headers=headers, timeout=self._timeout
+            )
+        except httpx.TimeoutException as e:
+            return Outcome.retryable(f"timeout: {type(e).__name__}")
+        except httpx.TransportError as e:
+            return Outcome.retryable(f"connection failed: {type(e).__name__}")
+        return classify(resp.status_code, resp.headers, resp.content)
+
+    async def new_client(self, body: dict[str, Any], *, idempotency_key: str) -> Outcome:
+        return await self.call("new-client", body, idempotency_key=idempotency_key)

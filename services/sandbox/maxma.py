@@ -1,0 +1,1179 @@
+"""In-memory fake of the Maxma (CloudLoyalty) processing API, served over real HTTP with FastAPI.
+
+Maxma methods are ``POST {base}/{method}`` with a JSON body and an ``X-Processing-Key`` header.
+Business errors come back as HTTP 200 with ``{"errorCode", "description", "hint"?}``, which is
+what the official PHP and Go SDKs expect. Shapes follow those SDKs (e.g. the reply ``card`` is an
+integer and ``cardString`` a string, as in both SDKs' client models).
+
+Assumptions that are not confirmed by the SDKs, kept here so nobody mistakes them for facts:
+
+* A missing or unknown ``X-Processing-Key`` is answered with HTTP 401 and errorCode 22.
+* The bonus arithmetic of ``v2/set-order`` is a sandbox rule (see ``_BONUS_*``), not Maxma's.
+* ``cancel-order`` of a confirmed or cancelled order answers 32, like a second ``confirm-order``.
+
+Everything under ``/_sandbox/`` is a control API for tests, the demo and benchmarks; the real
+Maxma has no such paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = [
+    "ERROR_DESCRIPTIONS",
+    "MAXMA_PATHS",
+    "ActiveFault",
+    "FaultSpec",
+    "MaxmaSandbox",
+    "RecordedRequest",
+    "SandboxClient",
+    "SandboxConnectionDroppedError",
+    "SandboxOrder",
+    "create_maxma_app",
+]
+
+#: The Maxma methods the sandbox implements, as paths relative to the base URL.
+MAXMA_PATHS: tuple[str, ...] = (
+    "/new-client",
+    "/update-client",
+    "/get-balance",
+    "/v2/set-order",
+    "/confirm-order",
+    "/cancel-order",
+)
+
+#: Descriptions in Russian as the real API sends them (texts from the Go SDK where it has them).
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    1: "Чек не обработан процессингом или обработан с ошибкой",
+    2: "В запросе к процессингу обнаружена ошибка или неверный вид JSON",
+    3: "Клиент не найден",
+    18: "Не переданы позиции заказа",
+    20: "Номер телефона клиента не валиден",
+    22: "Не передан ключ аутентификации",
+    24: "Клиент с таким номером телефона уже существует",
+    25: "Карта уже привязана к другому клиенту",
+    29: "У клиента не задан номер телефона",
+    30: "Клиент с таким внешним идентификатором уже существует",
+    31: "Заказ не найден",
+    32: "Заказ уже обработан",
+    48: "Клиент с таким email уже существует",
+    49: "Сервис временно недоступен",
+}
+
+_PHONE_RE = re.compile(r"\+\d{10,15}")
+_CARD_PREFIX = "2222000"
+_KEY_HEADER = "x-processing-key"
+# The sandbox's own bonus rule: up to half of an order may be paid with bonuses, 5 % is accrued.
+_BONUS_MAX_APPLY_SHARE = Decimal("0.5")
+_BONUS_COLLECT_SHARE = Decimal("0.05")
+# Scope key under which the middleware keeps the server's own ``receive`` callable (see drop).
+_RECEIVE_SCOPE_KEY = "maxma_sandbox.server_receive"
+
+
+def _describe(code: int) -> str:
+    return ERROR_DESCRIPTIONS.get(code, f"Ошибка, код #{code}")
+
+
+class SandboxConnectionDroppedError(ConnectionError):
+    """Raised for a ``drop`` fault when the server's socket is not reachable (e.g. httpx.ASGITransport)."""
+
+
+class _MaxmaError(Exception):
+    """A business error answered as HTTP 200 with errorCode, like the real API."""
+
+    def __init__(self, code: int, hint: str | None = None) -> None:
+        super().__init__(code, hint)
+        self.code = code
+        self.hint = hint
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"errorCode": self.code, "description": _describe(self.code)}
+        if self.hint:
+            out["hint"] = self.hint
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# State records
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordedRequest:
+    """One request to a Maxma path, recorded on arrival and completed when answered."""
+
+    seq: int
+    time: float  # epoch seconds at arrival
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names; X-Processing-Key removed
+    body: Any  # parsed JSON, or None when the body was not JSON
+    malformed: bool  # body was not valid JSON
+    key_present: bool
+    key_valid: bool
+    fault: dict[str, Any] | None = None  # {"id", "mode"} of the injected fault, if any
+    outcome: Literal["pending", "answered", "dropped"] = "pending"
+    status: int | None = None  # HTTP status answered; None while pending or when dropped
+    error_code: int | None = None  # errorCode in the answer, if any
+    duration_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form used by ``GET /_sandbox/requests``."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "method": self.method,
+            "path": self.path,
+            "headers": dict(self.headers),
+            "body": self.body,
+            "malformed": self.malformed,
+            "key_present": self.key_present,
+            "key_valid": self.key_valid,
+            "fault": self.fault,
+            "outcome": self.outcome,
+            "status": self.status,
+            "error_code": self.error_code,
+            "duration_ms": self.duration_ms,
+        }
+
+
+# camelCase Maxma field -> SandboxClient attribute, for fields a client may send.
+_CLIENT_FIELDS: dict[str, str] = {
+    "phoneNumber": "phone_number",
+    "email": "email",
+    "surname": "surname",
+    "name": "name",
+    "patronymicName": "patronymic_name",
+    "fullName": "full_name",
+    "gender": "gender",
+    "birthdate": "birthdate",
+    "card": "card",
+    "externalId": "external_id",
+    "isEmailSubscribed": "is_email_subscribed",
+    "isPhoneSubscribed": "is_phone_subscribed",
+    "extraFields": "extra_fields",
+    "level": "level",
+}
+
+
+@dataclass
+class SandboxClient:
+    """A loyalty client; ``bonuses`` may be set directly by tests to fund orders."""
+
+    id: int
+    phone_number: str
+    card: str
+    external_id: str | None = None
+    email: str | None = None
+    surname: str | None = None
+    name: str | None = None
+    patronymic_name: str | None = None
+    full_name: str | None = None
+    gender: int = 0
+    birthdate: str | None = None
+    level: int = 1
+    is_email_subscribed: bool = False
+    is_phone_subscribed: bool = False
+    extra_fields: dict[str, Any] = field(default_factory=dict)
+    bonuses: int = 0
+    pending_bonuses: int = 0
+    reserved_bonuses: int = 0
+    shop: dict[str, Any] | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_maxma(self) -> dict[str, Any]:
+        """The ``client`` object of new-client/update-client/get-balance replies."""
+        out: dict[str, Any] = {"phoneNumber": self.phone_number}
+        # Both SDKs model the reply card as an integer and cardString as its text.
+        if self.card.isdigit():
+            out["card"] = int(self.card)
+        out["cardString"] = self.card
+        optional = {
+            "externalId": self.external_id,
+            "surname": self.surname,
+            "name": self.name,
+            "patronymicName": self.patronymic_name,
+            "fullName": self.full_name or self._composed_full_name(),
+            "birthdate": self.birthdate,
+            "email": self.email,
+        }
+        out.update({k: v for k, v in optional.items() if v})
+        out.update(
+            {
+                "gender": self.gender,
+                "level": self.level,
+                "isEmailSubscribed": self.is_email_subscribed,
+                "isPhoneSubscribed": self.is_phone_subscribed,
+                "bonuses": self.bonuses - self.reserved_bonuses,
+                "pendingBonuses": self.pending_bonuses,
+            }
+        )
+        if self.extra_fields:
+            out["extraFields"] = dict(self.extra_fields)
+        return out
+
+    def client_bonuses(self) -> dict[str, int]:
+        """The ``clientBonuses`` object of order replies."""
+        return {
+            "available": self.bonuses - self.reserved_bonuses,
+            "pending": self.pending_bonuses,
+            "reserved": self.reserved_bonuses,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Maxma shape plus sandbox bookkeeping, used by ``GET /_sandbox/clients``."""
+        return {
+            "id": self.id,
+            **self.to_maxma(),
+            "reservedBonuses": self.reserved_bonuses,
+            "shop": self.shop,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+    def _composed_full_name(self) -> str | None:
+        parts = [p for p in (self.surname, self.name, self.patronymic_name) if p]
+        return " ".join(parts) or None
+
+
+@dataclass
+class SandboxOrder:
+    """An order placed by ``v2/set-order``; status moves new -> confirmed | cancelled."""
+
+    order_id: str
+    client_id: int | None
+    shop: dict[str, Any]
+    rows: list[dict[str, Any]]
+    total: Decimal
+    applied_bonuses: int
+    collected_bonuses: int
+    status: Literal["new", "confirmed", "cancelled"] = "new"
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form used by ``GET /_sandbox/orders``."""
+        return {
+            "orderId": self.order_id,
+            "clientId": self.client_id,
+            "status": self.status,
+            "shop": self.shop,
+            "rows": self.rows,
+            "totalAmount": float(self.total),
+            "appliedBonuses": self.applied_bonuses,
+            "collectedBonuses": self.collected_bonuses,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------------
+
+
+class FaultSpec(BaseModel):
+    """Body of ``POST /_sandbox/faults``.
+
+    Modes: ``http_status`` answers ``status`` (nginx-like HTML page, or ``body`` as JSON) with an
+    optional ``Retry-After``; ``error_code`` answers HTTP 200 ``{"errorCode": code, ...}``;
+    ``delay`` sleeps ``seconds`` and then processes the request normally (side effects included,
+    even if the client gave up); ``drop`` closes the TCP connection without a byte of answer.
+    Only ``delay`` lets the request reach the business logic, so the others never create data.
+
+    Without ``times`` and ``probability`` a fault fires once. With ``probability`` and no
+    ``times`` it stays until ``DELETE /_sandbox/faults``. Faults are tried in insertion order
+    and at most one applies to a request.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["http_status", "error_code", "delay", "drop"]
+    status: int | None = Field(default=None, ge=400, le=599)  # http_status
+    retry_after: int | None = Field(default=None, ge=0)  # http_status: Retry-After seconds
+    body: Any = None  # http_status: JSON body instead of the default nginx-like HTML page
+    code: int | None = Field(default=None, ge=1)  # error_code
+    description: str | None = None  # error_code: overrides the standard description
+    seconds: float | None = Field(default=None, gt=0)  # delay
+    path: str | None = None  # only requests to this Maxma path, e.g. "/new-client"
+    times: int | None = Field(default=None, ge=1)
+    probability: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None  # seeds the probability draws
+
+    @model_validator(mode="after")
+    def _check(self) -> FaultSpec:
+        required = {"http_status": "status", "error_code": "code", "delay": "seconds"}
+        if (need := required.get(self.mode)) and getattr(self, need) is None:
+            raise ValueError(f"mode {self.mode!r} needs {need!r}")
+        allowed = {
+            "http_status": {"status", "retry_after", "body"},
+            "error_code": {"code", "description"},
+            "delay": {"seconds"},
+            "drop": set(),
+        }[self.mode]
+        extra = {
+            name
+            for name in ("status", "retry_after", "body", "code", "description", "seconds")
+            if getattr(self, name) is not None and name not in allowed
+        }
+        if extra:
+            raise ValueError(f"mode {self.mode!r} does not take {sorted(extra)}")
+        if self.path is not None:
+            self.path = "/" + self.path.lstrip("/")
+            # A typo would otherwise make the fault silently never fire.
+            if self.path not in MAXMA_PATHS:
+                raise ValueError(f"path must be one of {list(MAXMA_PATHS)}")
+        if self.seed is not None and self.probability is None:
+            raise ValueError("seed only makes sense with probability")
+        return self
+
+
+@dataclass
+class ActiveFault:
+    """A configured fault; ``remaining`` is None for an unlimited probabilistic fault."""
+
+    id: int
+    spec: FaultSpec
+    remaining: int | None
+    rng: random.Random
+    hits: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form used by ``GET /_sandbox/faults``."""
+        return {
+            "id": self.id,
+            **self.spec.model_dump(exclude_none=True),
+            "remaining": self.remaining,
+            "hits": self.hits,
+        }
+
+
+class LatencySpec(BaseModel):
+    """Body of ``POST /_sandbox/latency``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ms: float = Field(ge=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Input validation helpers (all raise errorCode 2 with a hint naming the field)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_object(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _MaxmaError(2, f"{name} must be an object")
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _MaxmaError(2, f"{key} must be a string")
+    return value or None
+
+
+def _opt_card(obj: Mapping[str, Any], key: str = "card") -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    # Some integrations send the card as a JSON number; the SDKs send a string.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise _MaxmaError(2, f"{key} must be a string")
+    return value.strip() or None
+
+
+def _check_phone(phone: str) -> str:
+    if not _PHONE_RE.fullmatch(phone):
+        raise _MaxmaError(20, "phoneNumber must be '+' followed by 10-15 digits, e.g. +79998887766")
+    return phone
+
+
+def _normalize_birthdate(value: str) -> str:
+    # Replies carry RFC 3339 date-times (the PHP SDK parses "Y-m-d\TH:i:sP").
+    try:
+        if len(value) == 10:
+            return f"{date.fromisoformat(value).isoformat()}T00:00:00+00:00"
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise _MaxmaError(2, "birthdate must be YYYY-MM-DD or an ISO 8601 date-time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.isoformat(timespec="seconds")
+
+
+def _parse_client_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the Maxma ``client`` object; return attribute name -> value for keys present."""
+    out: dict[str, Any] = {}
+    for key, attr in _CLIENT_FIELDS.items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if key == "card":
+            out[attr] = _opt_card(raw)
+        elif key == "gender":
+            if value is None:
+                value = 0
+            if isinstance(value, bool) or value not in (0, 1, 2):
+                raise _MaxmaError(2, "gender must be 0, 1 or 2")
+            out[attr] = value
+        elif key == "level":
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _MaxmaError(2, "level must be a positive integer")
+            out[attr] = value
+        elif key in ("isEmailSubscribed", "isPhoneSubscribed"):
+            if value is None:
+                continue
+            if not isinstance(value, bool):
+                raise _MaxmaError(2, f"{key} must be a boolean")
+            out[attr] = value
+        elif key == "extraFields":
+            out[attr] = dict(_as_object(value, key)) if value is not None else {}
+        elif key == "birthdate":
+            text = _opt_str(raw, key)
+            out[attr] = _normalize_birthdate(text) if text else None
+        else:
+            out[attr] = _opt_str(raw, key)
+    return out
+
+
+def _to_decimal(value: Any, name: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _MaxmaError(2, f"{name} must be a number")
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        raise _MaxmaError(2, f"{name} must be a number") from None
+    if not number.is_finite() or number < 0:
+        raise _MaxmaError(2, f"{name} must be a non-negative number")
+    return number
+
+
+def _bonus_request(value: Any, name: str) -> int | Literal["auto"] | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _MaxmaError(2, f"{name} must be a non-negative integer or 'auto'")
+    return value
+
+
+def _order_id(body: Mapping[str, Any]) -> str:
+    value = body.get("orderId")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise _MaxmaError(2, "orderId is required")
+    return value
+
+
+def _money(value: Decimal) -> float:
+    return float(value.quantize(Decimal("0.01")))
+
+
+def _discounts(bonuses: Decimal) -> dict[str, float]:
+    return {
+        "auto": 0.0,
+        "manual": 0.0,
+        "bonuses": _money(bonuses),
+        "promocode": 0.0,
+        "offer": 0.0,
+        "rounding": 0.0,
+    }
+
+
+def _split(amount: int, weights: list[Decimal]) -> list[int]:
+    """Split an integer amount over rows in proportion to their sums; remainder to the last row."""
+    total = sum(weights, Decimal(0))
+    if not weights or total == 0:
+        return [0] * len(weights)
+    parts = [int((Decimal(amount) * w / total).to_integral_value(ROUND_DOWN)) for w in weights]
+    parts[-1] += amount - sum(parts)
+    return parts
+
+
+# --------------------------------------------------------------------------------------------
+# The sandbox state
+# --------------------------------------------------------------------------------------------
+
+
+def _set_waiter_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class MaxmaSandbox:
+    """In-memory Maxma: clients, orders, recorded requests and injected faults.
+
+    Usable directly in tests (``sandbox.clients``, ``sandbox.add_fault(...)``,
+    ``await sandbox.wait_for_requests(...)``) and over HTTP via :func:`create_maxma_app`.
+    """
+
+    def __init__(self) -> None:
+        # Guards state against the rare caller that drives the sandbox from another thread
+        # (e.g. a demo running uvicorn in a thread); no await happens while it is held.
+        self._lock = threading.RLock()
+        self._waiters: list[asyncio.Future[None]] = []
+        self.clients: dict[int, SandboxClient] = {}
+        self.orders: dict[str, SandboxOrder] = {}
+        self.requests: list[RecordedRequest] = []
+        self.faults: list[ActiveFault] = []
+        self.latency_ms: float = 0.0
+        self._reset_indexes()
+
+    def _reset_indexes(self) -> None:
+        self._by_phone: dict[str, SandboxClient] = {}
+        self._by_card: dict[str, SandboxClient] = {}
+        self._by_external_id: dict[str, SandboxClient] = {}
+        self._by_email: dict[str, SandboxClient] = {}
+        self._next_client_id = 1
+        self._next_card = 1
+        self._next_fault_id = 1
+        self._next_seq = 1
+
+    # ---- control ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget clients, orders, recorded requests, faults and latency; restart counters."""
+        with self._lock:
+            self.clients.clear()
+            self.orders.clear()
+            self.requests.clear()
+            self.faults.clear()
+            self.latency_ms = 0.0
+            self._reset_indexes()
+        self._notify()
+
+    def add_fault(self, spec: FaultSpec | Mapping[str, Any]) -> ActiveFault:
+        """Queue a fault; faults are tried in the order they were added."""
+        if not isinstance(spec, FaultSpec):
+            spec = FaultSpec.model_validate(spec)
+        remaining = spec.times if spec.times is not None or spec.probability is not None else 1
+        with self._lock:
+            fault = ActiveFault(
+                id=self._next_fault_id,
+                spec=spec,
+                remaining=remaining,
+                rng=random.Random(spec.seed),
+            )
+            self._next_fault_id += 1
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> int:
+        """Remove all faults; return how many were active."""
+        with self._lock:
+            count = len(self.faults)
+            self.faults.clear()
+        return count
+
+    def set_latency(self, ms: float) -> None:
+        """Delay every Maxma answer by ``ms`` milliseconds (0 turns it off)."""
+        if ms < 0:
+            raise ValueError("latency must be >= 0")
+        self.latency_ms = float(ms)
+
+    def find_client(
+        self,
+        *,
+        phone_number: str | None = None,
+        card: str | None = None,
+        external_id: str | None = None,
+        email: str | None = None,
+    ) -> SandboxClient | None:
+        """Look a client up by any unique key."""
+        with self._lock:
+            if phone_number is not None:
+                return self._by_phone.get(phone_number)
+            if card is not None:
+                return self._by_card.get(card)
+            if external_id is not None:
+                return self._by_external_id.get(external_id)
+            if email is not None:
+                return self._by_email.get(email.lower())
+        return None
+
+    async def wait_for_requests(
+        self,
+        n: int,
+        timeout: float,  # noqa: ASYNC109 - the test-facing signature asked for; easier than a scope
+        *,
+        path: str | None = None,
+        answered: bool = True,
+    ) -> list[RecordedRequest]:
+        """Wait until at least ``n`` requests (to ``path``, if given) are recorded; return them.
+
+        With ``answered`` (the default) only finished requests count, so their ``status`` and
+        ``outcome`` are final. Raises ``TimeoutError`` after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with self._lock:
+                matched = self._matching(path, answered)
+                if len(matched) >= n:
+                    return matched
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                with self._lock:
+                    matched = self._matching(path, answered)
+                if len(matched) >= n:
+                    return matched
+                raise TimeoutError(
+                    f"{len(matched)} of {n} requests{f' to {path}' if path else ''} within {timeout}s"
+                ) from None
+
+    def _matching(self, path: str | None, answered: bool) -> list[RecordedRequest]:
+        return [
+            r
+            for r in self.requests
+            if (path is None or r.path == path) and (not answered or r.outcome != "pending")
+        ]
+
+    def _notify(self) -> None:
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            # The waiter may live on another thread's loop; a closed loop just means nobody waits.
+            with contextlib.suppress(RuntimeError):
+                waiter.get_loop().call_soon_threadsafe(_set_waiter_done, waiter)
+
+    # ---- request bookkeeping ---------------------------------------------------------------
+
+    def _record(self, rec_args: dict[str, Any]) -> RecordedRequest:
+        with self._lock:
+            rec = RecordedRequest(seq=self._next_seq, **rec_args)
+            self._next_seq += 1
+            self.requests.append(rec)
+        self._notify()
+        return rec
+
+    def _finish(
+        self,
+        rec: RecordedRequest,
+        *,
+        outcome: Literal["answered", "dropped"],
+        status: int | None,
+        error_code: int | None,
+    ) -> None:
+        rec.outcome = outcome
+        rec.status = status
+        rec.error_code = error_code
+        rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
+        self._notify()
+
+    def _take_fault(self, path: str) -> ActiveFault | None:
+        """Pick the first fault that fires for this request and consume one of its ``times``."""
+        with self._lock:
+            for fault in self.faults:
+                spec = fault.spec
+                if spec.path is not None and spec.path != path:
+                    continue
+                if spec.probability is not None and fault.rng.random() >= spec.probability:
+                    continue
+                fault.hits += 1
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self.faults.remove(fault)
+                return fault
+        return None
+
+    # ---- clients ---------------------------------------------------------------------------
+
+    def _index(self, client: SandboxClient) -> None:
+        self._by_phone[client.phone_number] = client
+        self._by_card[client.card] = client
+        if client.external_id:
+            self._by_external_id[client.external_id] = client
+        if client.email:
+            self._by_email[client.email.lower()] = client
+
+    def _unindex(self, client: SandboxClient) -> None:
+        self._by_phone.pop(client.phone_number, None)
+        self._by_card.pop(client.card, None)
+        if client.external_id:
+            self._by_external_id.pop(client.external_id, None)
+        if client.email:
+            self._by_email.pop(client.email.lower(), None)
+
+    def _generate_card(self) -> str:
+        while True:
+            card = f"{_CARD_PREFIX}{self._next_card:06d}"
+            self._next_card += 1
+            if card not in self._by_card:
+                return card
+
+    def _check_unique(self, fields: Mapping[str, Any], owner: SandboxClient | None) -> None:
+        """Answer 24/30/25/48 when a unique value already belongs to another client."""
+        checks: tuple[tuple[str, dict[str, SandboxClient], int], ...] = (
+            ("phone_number", self._by_phone, 24),
+            ("external_id", self._by_external_id, 30),
+            ("card", self._by_card, 25),
+            ("email", self._by_email, 48),
+        )
+        for attr, index, code in checks:
+            value = fields.get(attr)
+            if not value:
+                continue
+            other = index.get(value.lower() if attr == "email" else value)
+            if other is not None and other is not owner:
+                raise _MaxmaError(code)
+
+    def _find(self, ident: Mapping[str, Any]) -> SandboxClient:
+        """Find a client by phoneNumber | card | externalId (first one given wins)."""
+        phone = _opt_str(ident, "phoneNumber")
+        card = _opt_card(ident)
+        external_id = _opt_str(ident, "externalId")
+        if phone is not None:
+            found = self._by_phone.get(_check_phone(phone))
+        elif card is not None:
+            found = self._by_card.get(card)
+        elif external_id is not None:
+            found = self._by_external_id.get(external_id)
+        else:
+            raise _MaxmaError(2, "identify the client by phoneNumber, card or externalId")
+        if found is None:
+            raise _MaxmaError(3)
+        return found
+
+    def _balance_reply(self, client: SandboxClient) -> dict[str, Any]:
+        available = client.bonuses - client.reserved_bonuses
+        return {"client": client.to_maxma(), "bonuses": [{"amount": available}] if available else []}
+
+    def _op_new_client(self, body: dict[str, Any]) -> dict[str, Any]:
+        fields = _parse_client_fields(_as_object(body.get("client"), "client"))
+        shop = body.get("shop")
+        if shop is not None:
+            _as_object(shop, "shop")
+        phone = fields.get("phone_number")
+        if not phone:
+            raise _MaxmaError(29)
+        _check_phone(phone)
+        self._check_unique(fields, owner=None)
+        # Validation is over: from here on the request succeeds, so the side effect is safe.
+        if not fields.get("card"):
+            fields["card"] = self._generate_card()
+        fields = {k: v for k, v in fields.items() if v is not None}
+        client = SandboxClient(id=self._next_client_id, shop=shop, **fields)
+        self._next_client_id += 1
+        self.clients[client.id] = client
+        self._index(client)
+        return self._balance_reply(client)
+
+    def _op_update_client(self, body: dict[str, Any]) -> dict[str, Any]:
+        client = self._find(body)
+        fields = _parse_client_fields(_as_object(body.get("client"), "client"))
+        if "phone_number" in fields:
+            if not fields["phone_number"]:
+                raise _MaxmaError(29)
+            _check_phone(fields["phone_number"])
+        if "card" in fields and not fields["card"]:
+            fields.pop("card")  # a client always keeps a card; unbinding is not modelled
+        self._check_unique(fields, owner=client)
+        self._unindex(client)
+        for attr, value in fields.items():
+            if attr == "extra_fields":
+                client.extra_fields.update(value)  # Maxma merges extra fields key by key
+            else:
+                setattr(client, attr, value)
+        client.updated_at = time.time()
+        self._index(client)
+        return self._balance_reply(client)
+
+    def _op_get_balance(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._balance_reply(self._find(body))
+
+    # ---- orders ----------------------------------------------------------------------------
+
+    def _op_set_order(self, body: dict[str, Any]) -> dict[str, Any]:
+        order_id = _order_id(body)
+        query = _as_object(body.get("calculationQuery"), "calculationQuery")
+        shop = _as_object(query.get("shop"), "calculationQuery.shop")
+        if not _opt_str(shop, "code"):
+            raise _MaxmaError(2, "calculationQuery.shop.code is required")
+        client = None
+        if query.get("client") is not None:
+            client = self._find(_as_object(query["client"], "calculationQuery.client"))
+        rows = query.get("rows")
+        if rows is None or rows == []:
+            raise _MaxmaError(18)
+        if not isinstance(rows, list):
+            raise _MaxmaError(2, "calculationQuery.rows must be an array")
+        sums: list[Decimal] = []
+        for i, raw_row in enumerate(rows):
+            row = _as_object(raw_row, f"rows[{i}]")
+            product = _as_object(row.get("product"), f"rows[{i}].product")
+            if not _opt_str(product, "sku"):
+                raise _MaxmaError(2, f"rows[{i}].product.sku is required")
+            price = _to_decimal(product.get("blackPrice"), f"rows[{i}].product.blackPrice")
+            qty = _to_decimal(row.get("qty"), f"rows[{i}].qty")
+            if qty == 0:
+                raise _MaxmaError(2, f"rows[{i}].qty must be positive")
+            sums.append(price * qty)
+        apply_req = _bonus_request(query.get("applyBonuses"), "applyBonuses")
+        collect_req = _bonus_request(query.get("collectBonuses"), "collectBonuses")
+
+        existing = self.orders.get(order_id)
+        if existing is not None and existing.status != "new":
+            raise _MaxmaError(32)
+        total = sum(sums, Decimal(0))
+        # A repeated set-order replaces the order, so its old reservation must not count.
+        previous_reservation = existing.applied_bonuses if existing and existing.client_id else 0
+        if client is not None:
+            own = previous_reservation if existing and existing.client_id == client.id else 0
+            available = client.bonuses - client.reserved_bonuses + own
+            cap = int((total * _BONUS_MAX_APPLY_SHARE).to_integral_value(ROUND_DOWN))
+            max_to_apply = max(0, min(available, cap))
+            if apply_req is None:
+                applied = 0
+            elif apply_req == "auto":
+                applied = max_to_apply
+            else:
+                applied = min(apply_req, max_to_apply)
+            if collect_req is None or collect_req == "auto":
+                collected = int(((total - applied) * _BONUS_COLLECT_SHARE).to_integral_value(ROUND_DOWN))
+            else:
+                collected = collect_req
+        else:
+            max_to_apply = applied = collected = 0
+
+        if existing is not None and existing.client_id is not None:
+            self.clients[existing.client_id].reserved_bonuses -= existing.applied_bonuses
+        if client is not None:
+            client.reserved_bonuses += applied
+        order = SandboxOrder(
+            order_id=order_id,
+            client_id=client.id if client else None,
+            shop=dict(shop),
+            rows=list(rows),
+            total=total,
+            applied_bonuses=applied,
+            collected_bonuses=collected,
+        )
+        if existing is not None:
+            order.created_at = existing.created_at
+        self.orders[order_id] = order
+
+        applied_split = _split(applied, sums)
+        collected_split = _split(collected, sums)
+        result_rows = []
+        for row, a, c in zip(rows, applied_split, collected_split, strict=True):
+            result_row: dict[str, Any] = {
+                "totalDiscount": float(a),
+                "discounts": _discounts(Decimal(a)),
+                "bonuses": {"applied": a, "collected": c},
+            }
+            if isinstance(row.get("id"), str):
+                result_row["id"] = row["id"]
+            result_rows.append(result_row)
+        reply: dict[str, Any] = {
+            "calculationResult": {
+                "rows": result_rows,
+                "summary": {
+                    "totalDiscount": float(applied),
+                    "discounts": _discounts(Decimal(applied)),
+                    "prepaidAmount": 0.0,
+                },
+                "bonuses": {"applied": applied, "collected": collected, "maxToApply": max_to_apply},
+            }
+        }
+        if client is not None:
+            reply["clientBonuses"] = client.client_bonuses()
+        return reply
+
+    def _order_for_update(self, body: dict[str, Any]) -> SandboxOrder:
+        order = self.orders.get(_order_id(body))
+        if order is None:
+            raise _MaxmaError(31)
+        if order.status != "new":
+            raise _MaxmaError(32)
+        return order
+
+    def _order_reply(self, order: SandboxOrder, applied: int, collected: int) -> dict[str, Any]:
+        client = self.clients.get(order.client_id) if order.client_id is not None else None
+        return {
+            "operationResult": {
+                "appliedBonuses": applied,
+                "collectedBonuses": collected,
+                "remainingAmount": _money(order.total - applied),
+            },
+            "clientBonuses": (
+                client.client_bonuses() if client else {"available": 0, "pending": 0, "reserved": 0}
+            ),
+        }
+
+    def _op_confirm_order(self, body: dict[str, Any]) -> dict[str, Any]:
+        order = self._order_for_update(body)
+        client = self.clients.get(order.client_id) if order.client_id is not None else None
+        if client is not None:
+            client.reserved_bonuses -= order.applied_bonuses
+            client.bonuses -= order.applied_bonuses
+            client.pending_bonuses += order.collected_bonuses
+        order.status = "confirmed"
+        order.updated_at = time.time()
+        return self._order_reply(order, order.applied_bonuses, order.collected_bonuses)
+
+    def _op_cancel_order(self, body: dict[str, Any]) -> dict[str, Any]:
+        order = self._order_for_update(body)
+        client = self.clients.get(order.client_id) if order.client_id is not None else None
+        if client is not None:
+            client.reserved_bonuses -= order.applied_bonuses
+        order.status = "cancelled"
+        order.updated_at = time.time()
+        return self._order_reply(order, 0, 0)
+
+    def _operation(self, path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        return {
+            "/new-client": self._op_new_client,
+            "/update-client": self._op_update_client,
+            "/get-balance": self._op_get_balance,
+            "/v2/set-order": self._op_set_order,
+            "/confirm-order": self._op_confirm_order,
+            "/cancel-order": self._op_cancel_order,
+        }[path]
+
+    def run_operation(self, path: str, body: Any) -> dict[str, Any]:
+        """Execute one Maxma method on the state, as if it arrived with a valid key.
+
+        Returns the reply body: a success object or ``{"errorCode", "description", "hint"?}``.
+        Either the whole operation applies or, on an error, nothing changes.
+        """
+        with self._lock:
+            try:
+                return self._operation(path)(_as_object(body, "request body"))
+            except _MaxmaError as exc:
+                return exc.body()
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------
+
+
+class _ServerReceiveMiddleware:
+    """Keeps the server's own ``receive`` in the scope so a ``drop`` fault can find the socket."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[_RECEIVE_SCOPE_KEY] = receive
+        await self.app(scope, receive, send)
+
+
+async def _drop_connection(request: Request) -> bool:
+    """Close the TCP connection without answering; False if the socket is unreachable.
+
+    ASGI has no way to abort a connection, so this reaches the transport through uvicorn's
+    request cycle (the owner of the ``receive`` method). Closing it makes the client see
+    "server disconnected without sending a response", like a crashed backend behind a
+    balancer. uvicorn then ignores whatever the app sends.
+    """
+    receive = request.scope.get(_RECEIVE_SCOPE_KEY)
+    cycle = getattr(receive, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if not isinstance(transport, asyncio.BaseTransport):
+        return False
+    transport.close()
+    # connection_lost runs on the next loop iterations and marks the cycle disconnected.
+    for _ in range(100):
+        if getattr(cycle, "disconnected", False):
+            break
+        await asyncio.sleep(0)
+    return True
+
+
+def _nginx_page(status: int) -> str:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    title = f"{status} {phrase}"
+    return (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    )
+
+
+def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbox | None = None) -> FastAPI:
+    """Build the sandbox app; ``processing_keys=None`` accepts any non-empty key.
+
+    The state is reachable as ``app.state.sandbox``.
+    """
+    sandbox = state if state is not None else MaxmaSandbox()
+    keys = frozenset(processing_keys) if processing_keys is not None else None
+    app = FastAPI(title="Maxma sandbox", version="1")
+    app.state.sandbox = sandbox
+    app.add_middleware(_ServerReceiveMiddleware)
+
+    async def serve_maxma(request: Request, path: str) -> Response:
+        raw = await request.body()
+        key = request.headers.get(_KEY_HEADER)
+        try:
+            body: Any = json.loads(raw)
+            malformed = False
+        except ValueError:
+            body, malformed = None, True
+        rec = sandbox._record(
+            {
+                "time": time.time(),
+                "method": request.method,
+                "path": path,
+                "headers": {k: v for k, v in request.headers.items() if k != _KEY_HEADER},
+                "body": body,
+                "malformed": malformed,
+                "key_present": bool(key),
+                "key_valid": bool(key) and (keys is None or key in keys),
+            }
+        )
+        # Picked on arrival, before any sleep, so "the next N requests" means arrival order.
+        fault = sandbox._take_fault(path)
+        if fault is not None:
+            rec.fault = {"id": fault.id, "mode": fault.spec.mode}
+        try:
+            return await _answer(request, rec, fault)
+        except BaseException:
+            if rec.outcome == "pending":
+                sandbox._finish(rec, outcome="dropped", status=None, error_code=None)
+            raise
+
+    async def _answer(request: Request, rec: RecordedRequest, fault: ActiveFault | None) -> Response:
+        if sandbox.latency_ms:
+            await asyncio.sleep(sandbox.latency_ms / 1000)
+        spec = fault.spec if fault is not None else None
+        if spec is not None and spec.mode == "delay":
+            assert spec.seconds is not None
+            await asyncio.sleep(spec.seconds)  # then answer normally, side effects included
+        elif spec is not None and spec.mode == "drop":
+            sandbox._finish(rec, outcome="dropped", status=None, error_code=None)
+            if not await _drop_connection(request):
+                raise SandboxConnectionDroppedError("sandbox dropped the connection")
+            return Response(status_code=204)  # never reaches the client
+        elif spec is not None and spec.mode == "http_status":
+            assert spec.status is not None
+            headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
+            response: Response
+            if spec.body is not None:
+                response = JSONResponse(spec.body, status_code=spec.status, headers=headers)
+            else:
+                response = Response(
+                    _nginx_page(spec.status), status_code=spec.status, headers=headers, media_type="text/html"
+                )
+            sandbox._finish(rec, outcome="answered", status=spec.status, error_code=None)
+            return response
+        elif spec is not None and spec.mode == "error_code":
+            assert spec.code is not None
+            payload = {"errorCode": spec.code, "description": spec.description or _describe(spec.code)}
+            sandbox._finish(rec, outcome="answered", status=200, error_code=spec.code)
+            return JSONResponse(payload)
+
+        if not rec.key_valid:
+            hint = "X-Processing-Key header is missing" if not rec.key_present else "unknown X-Processing-Key"
+            sandbox._finish(rec, outcome="answered", status=401, error_code=22)
+            return JSONResponse(_MaxmaError(22, hint).body(), status_code=401)
+        if rec.malformed:
+            sandbox._finish(rec, outcome="answered", status=200, error_code=2)
+            return JSONResponse(_MaxmaError(2, "request body is not valid JSON").body())
+        reply = sandbox.run_operation(rec.path, rec.body)
+        code = reply.get("errorCode")
+        sandbox._finish(
+            rec, outcome="answered", status=200, error_code=code if isinstance(code, int) else None
+        )
+        return JSONResponse(reply)
+
+    def _endpoint(path: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            return await serve_maxma(request, path)
+
+        endpoint.__name__ = "maxma_" + path.strip("/").replace("/", "_").replace("-", "_")
+        return endpoint
+
+    for maxma_path in MAXMA_PATHS:
+        app.add_api_route(maxma_path, _endpoint(maxma_path), methods=["POST"], tags=["maxma"])
+
+    # ---- control API (never delayed, never faulted, never recorded) -----------------------
+
+    @app.get("/_sandbox/requests", tags=["sandbox"])
+    async def list_requests(path: str | None = None) -> JSONResponse:
+        """Recorded requests, oldest first; ``?path=/new-client`` filters by method."""
+        with sandbox._lock:
+            return JSONResponse([r.to_dict() for r in sandbox.requests if path is None or r.path == path])
+
+    @app.get("/_sandbox/clients", tags=["sandbox"])
+    async def list_clients() -> JSONResponse:
+        """All clients in creation order."""
+        with sandbox._lock:
+            return JSONResponse([c.to_dict() for c in sandbox.clients.values()])
+
+    @app.get("/_sandbox/orders", tags=["sandbox"])
+    async def list_orders() -> JSONResponse:
+        """All orders in creation order."""
+        with sandbox._lock:
+            return JSONResponse([o.to_dict() for o in sandbox.orders.values()])
+
+    @app.post("/_sandbox/reset", tags=["sandbox"])
+    async def reset() -> dict[str, bool]:
+        """Clear clients, orders, requests, faults and latency."""
+        sandbox.reset()
+        return {"ok": True}
+
+    @app.get("/_sandbox/faults", tags=["sandbox"])
+    async def list_faults() -> JSONResponse:
+        """Faults still active, in the order they are tried."""
+        with sandbox._lock:
+            return JSONResponse([f.to_dict() for f in sandbox.faults])
+
+    @app.post("/_sandbox/faults", status_code=201, tags=["sandbox"])
+    async def add_fault(spec: FaultSpec) -> JSONResponse:
+        """Add a fault, see :class:`FaultSpec`; FastAPI answers 422 for an invalid spec."""
+        return JSONResponse(sandbox.add_fault(spec).to_dict(), status_code=201)
+
+    @app.delete("/_sandbox/faults", tags=["sandbox"])
+    async def clear_faults() -> dict[str, int]:
+        """Remove every fault."""
+        return {"cleared": sandbox.clear_faults()}
+
+    @app.get("/_sandbox/latency", tags=["sandbox"])
+    async def get_latency() -> dict[str, float]:
+        """Current added latency."""
+        return {"ms": sandbox.latency_ms}
+
+    @app.post("/_sandbox/latency", tags=["sandbox"])
+    async def set_latency(spec: LatencySpec) -> dict[str, float]:
+        """Delay every Maxma answer by ``ms`` (control endpoints are never delayed)."""
+        sandbox.set_latency(spec.ms)
+        return {"ms": sandbox.latency_ms}
+
+    return app
