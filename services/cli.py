@@ -24,8 +24,10 @@ from services.common.config import ConfigError, Settings, load_settings
 from services.common.events import EventName
 from services.common.logging import configure_logging
 
-app = typer.Typer(help="klientiks-relay: Klientiks webhooks to Kafka events to Maxma, CPA.House, Weeek, Plarin.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="klientiks-relay: Klientiks webhooks to Kafka events to Maxma, CPA.House, Weeek, Plarin.",
+    no_args_is_help=True,
+)
 ingest_app = typer.Typer(help="The ingest service roles.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Fake target APIs for the local run, demos and tests.", no_args_is_help=True)
 db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
@@ -54,8 +56,15 @@ def _settings() -> Settings:
 
 def _serve(asgi: Any, host: str, port: int) -> None:
     # No access log: request lines carry the source token and personal data in the URL.
-    uvicorn.run(asgi, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                timeout_graceful_shutdown=20)
+    uvicorn.run(
+        asgi,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=20,
+    )
 
 
 @ingest_app.command("api")
@@ -78,7 +87,9 @@ def ingest_normalizer(host: HostOpt = "0.0.0.0", port: PortOpt = 8081) -> None: 
 def maxma(
     host: HostOpt = "0.0.0.0",  # noqa: S104
     port: PortOpt = 8082,
-    migrate: Annotated[bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")] = False,
+    migrate: Annotated[
+        bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")
+    ] = False,
 ) -> None:
     """Deliver events to Maxma."""
     from services.maxma.app import create_app
@@ -161,7 +172,9 @@ def token() -> None:
 
 @app.command("urls")
 def urls(
-    base_url: Annotated[str, typer.Option(help="Public base URL of the ingest API.")] = "http://127.0.0.1:8080",
+    base_url: Annotated[
+        str, typer.Option(help="Public base URL of the ingest API.")
+    ] = "http://127.0.0.1:8080",
     source: Annotated[str | None, typer.Option(help="Source name (default: every source).")] = None,
 ) -> None:
     """Print the URL to paste into Klientiks for every event of a source."""
@@ -176,7 +189,9 @@ def _print_urls(base_url: str, source: str, token: str) -> None:
 
     console.print(f"[bold]Webhook URLs of source {source}[/bold] (Klientiks → Настройки → События-webhook):")
     for event in EventName:
-        console.print(f"  [cyan]{TITLES[event]}[/cyan]\n    {webhook_url(base_url, token, event)}", soft_wrap=True)
+        console.print(
+            f"  [cyan]{TITLES[event]}[/cyan]\n    {webhook_url(base_url, token, event)}", soft_wrap=True
+        )
 
 
 # ---------------------------------------------------------------------------------------------- local run
@@ -237,7 +252,10 @@ def _spawn(args: Sequence[str], env: dict[str, str], log_file: Path) -> subproce
 
     out = log_file.open("ab")
     return subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-        [sys.executable, "-m", "services.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
         preexec_fn=pdeathsig_preexec(),  # the children must not outlive `relay run`
     )
 
@@ -253,8 +271,10 @@ def run(
     STATE.mkdir(exist_ok=True)
     (STATE / "logs").mkdir(exist_ok=True)
     sandbox_port = next(p for name, _, p in ROLES if name == "sandbox-maxma")
-    config = Path(os.environ["RELAY_CONFIG"]) if os.environ.get("RELAY_CONFIG") else _demo_config(
-        STATE, f"http://127.0.0.1:{sandbox_port}"
+    config = (
+        Path(os.environ["RELAY_CONFIG"])
+        if os.environ.get("RELAY_CONFIG")
+        else _demo_config(STATE, f"http://127.0.0.1:{sandbox_port}")
     )
     env = dict(os.environ)
     env.update(RELAY_CONFIG=str(config.resolve()), RELAY_LOG_FORMAT="json")
@@ -281,8 +301,11 @@ def run(
     try:
         for name, args, port in ROLES:
             extra = ["--key-file", str(STATE / "secrets" / "maxma-key")] if name == "sandbox-maxma" else []
-            procs[name] = _spawn([*args, "--port", str(port), "--host", "127.0.0.1", *extra], env,
-                                 STATE / "logs" / f"{name}.log")
+            procs[name] = _spawn(
+                [*args, "--port", str(port), "--host", "127.0.0.1", *extra],
+                env,
+                STATE / "logs" / f"{name}.log",
+            )
         for name, _, port in ROLES:
             probe = "/_sandbox/clients" if name == "sandbox-maxma" else "/readyz"
             try:
@@ -290,13 +313,15 @@ def run(
             except RuntimeError as e:
                 err.print(f"[red]{name} did not start: {e}; see {STATE / 'logs' / (name + '.log')}[/red]")
                 raise typer.Exit(1) from None
-        console.print(f"[green]klientiks-relay is running[/green] (Kafka {env['RELAY_KAFKA__BOOTSTRAP_SERVERS']}, "
-                      f"ledger {settings.database_url}, logs in {STATE / 'logs'})")
+        console.print(
+            f"[green]klientiks-relay is running[/green] (Kafka {env['RELAY_KAFKA__BOOTSTRAP_SERVERS']}, "
+            f"ledger {settings.database_url}, logs in {STATE / 'logs'})"
+        )
         for s in settings.sources:
             _print_urls("http://127.0.0.1:8080", s.name, s.token.get_secret_value())
         if settings.sources:
             s0 = settings.sources[0]
-            console.print("\nTry it (a seed-style \"Добавление клиента\" webhook):")
+            console.print('\nTry it (a seed-style "Добавление клиента" webhook):')
             console.print(
                 f"  curl 'http://127.0.0.1:8080/hooks/klientiks/{s0.token.get_secret_value()}/client-created"
                 "?client_id=1001&client_phone=79991234567&client_name=Иванова Анна Сергеевна"
@@ -338,7 +363,9 @@ async def _live_view(database_url: str, procs: dict[str, subprocess.Popen[bytes]
         while True:
             for name, p in procs.items():
                 if p.poll() is not None:
-                    err.print(f"[red]{name} exited with status {p.returncode}; see .relay/logs/{name}.log[/red]")
+                    err.print(
+                        f"[red]{name} exited with status {p.returncode}; see .relay/logs/{name}.log[/red]"
+                    )
                     return
             for d in await ledger.recent(since):
                 since = max(since, d.updated_at)
@@ -368,7 +395,9 @@ def _send_demo(base_url: str, token: str, count: int) -> None:
 
 @app.command("demo")
 def demo(
-    base_url: Annotated[str, typer.Option(help="Base URL of the running ingest API.")] = "http://127.0.0.1:8080",
+    base_url: Annotated[
+        str, typer.Option(help="Base URL of the running ingest API.")
+    ] = "http://127.0.0.1:8080",
     count: Annotated[int, typer.Option(help="How many client-created webhooks.")] = 5,
 ) -> None:
     """Send sample "Добавление клиента" webhooks to a running `relay run`."""

@@ -267,46 +267,69 @@ def redact_url(value: str) -> str:
 # Free text
 # --------------------------------------------------------------------------------------------------
 
-_URL_HINT_RE: Final = re.compile(r"/hooks/klientiks/|/restapi/|[?&][^=\s&?]+=|://[^\s/@]*@", re.IGNORECASE)
 _SECRET_ASSIGN_RE: Final = re.compile(
     r"((?<![\w-])[\w-]*?(?:token|secret|passw(?:or)?d|api[_-]?key|processing[_-]?key|authorization|dsn)"
     r"[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)"
     r"([^\s\"'&,;)}\]]+)",
     re.IGNORECASE,
 )
+_SECRET_WORDS: Final = ("token", "secret", "passw", "key", "authorization", "dsn")
 _BEARER_RE: Final = re.compile(r"\b(bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE)
 _EMAIL_RE: Final = re.compile(r"(?<![\w.%+'-])[\w.%+'-]+@(?:[\w-]+\.)+[^\W\d_]{2,}")
-# UUIDs are matched first and kept as they are, so their digit groups are never taken for a phone.
-# A phone: "+<digit>", "7" or "8", then 9-14 more digits separated by at most three of " -()".
-# It must not be glued to letters/digits or be part of a decimal number ("78000000000.50").
-_PHONE_OR_UUID_RE: Final = re.compile(
-    r"(?P<uuid>\b[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\b)"
-    r"|(?P<phone>(?<![^\W_])(?<!\d[.,])(?:\+\d|[78])(?:[ \t\u00a0\-()]{0,3}\d){9,14}(?![^\W_])(?![.,]\d))"
+# A phone: "+" and 10-15 digits, or "7"/"8" and 9-14 more digits; between digits at most three of " -()".
+# It must not be glued to letters/digits nor be part of a decimal number ("78000000000.50"). The
+# lookbehinds come after the first character so that the regex engine can skip ahead to "+", "7", "8".
+_PHONE_SEP: Final = r"[ \t\u00a0\-()]{0,3}"
+_PHONE_RE: Final = re.compile(
+    rf"(?:\+(?<![^\W_]\+)(?<!\d[.,]\+)(?:{_PHONE_SEP}\d){{10,15}}"
+    rf"|[78](?<![^\W_][78])(?<!\d[.,][78])(?:{_PHONE_SEP}\d){{9,14}})"
+    r"(?![^\W_])(?![.,]\d)"
 )
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_UUID_LEN: Final = 36
 
 
 def _mask_phone_match(match: re.Match[str]) -> str:
-    phone = match.group("phone")
-    if phone is None:
-        return match.group(0)
-    return mask_phone(phone)
+    found = match.group(0)
+    text, start, end = match.string, match.start(), match.end()
+    if "-" in found or text[start - 1 : start] == "-" or text[end : end + 1] == "-":
+        # Digit groups of a UUID ("78123456-1234-...") are not phones: keep the UUID part and look
+        # again at whatever follows it.
+        offset = max(0, start - _UUID_LEN)
+        for uuid_match in _UUID_RE.finditer(text, offset, min(len(text), end + _UUID_LEN)):
+            if uuid_match.start() < end and uuid_match.end() > start:
+                split = max(uuid_match.end(), start) - start
+                return found[:split] + _PHONE_RE.sub(_mask_phone_match, found[split:])
+    return mask_phone(found)
 
 
 def _mask_email_match(match: re.Match[str]) -> str:
     return mask_email(match.group(0))
 
 
+def _needs_url_redaction(text: str, lowered: str) -> bool:
+    return (
+        "/hooks/klientiks/" in lowered
+        or "/restapi/" in lowered
+        or ("=" in text and ("?" in text or "&" in text or ";" in text or " " not in text[: text.find("=")]))
+        or "://" in text
+    )
+
+
 def _scrub_text(text: str, *, url: bool = False) -> str:
+    """Mask phones, e-mails and credentials inside free text; everything else is kept as it is."""
     if not text:
         return text
-    if url or _URL_HINT_RE.search(text):
+    lowered = text.lower()
+    if url or _needs_url_redaction(text, lowered):
         text = redact_url(text)
-    text = _SECRET_ASSIGN_RE.sub(r"\1***", text)
-    if "earer" in text or "EARER" in text or "asic" in text or "ASIC" in text:
+    if ("=" in text or ":" in text) and any(word in lowered for word in _SECRET_WORDS):
+        text = _SECRET_ASSIGN_RE.sub(r"\1***", text)
+    if "bearer" in lowered or "basic" in lowered:
         text = _BEARER_RE.sub(r"\1 ***", text)
     if "@" in text:
         text = _EMAIL_RE.sub(_mask_email_match, text)
-    return _PHONE_OR_UUID_RE.sub(_mask_phone_match, text)
+    return _PHONE_RE.sub(_mask_phone_match, text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +446,15 @@ def mask_processor(logger: WrappedLogger, method_name: str, event_dict: EventDic
 # --------------------------------------------------------------------------------------------------
 
 # Libraries that are chatty at INFO/DEBUG. They still log warnings and errors.
-_QUIET_LOGGERS: Final = ("aiokafka", "httpx", "httpcore", "sqlalchemy.engine", "aiosqlite", "watchfiles")
+_QUIET_LOGGERS: Final = (
+    "alembic",
+    "aiokafka",
+    "httpx",
+    "httpcore",
+    "sqlalchemy.engine",
+    "aiosqlite",
+    "watchfiles",
+)
 # Libraries that install their own handlers (writing past our masking); we take those over.
 _TAKEOVER_PREFIXES: Final = ("uvicorn", "faststream")
 # Record attributes that duplicate the message: uvicorn's ANSI-coloured copy, and the attributes another

@@ -99,11 +99,13 @@ class Params:
             key, value = canonical_key(raw_key), raw_value.strip()
             if not key:
                 continue
+            if key in p.values:  # the first value wins, as in most web frameworks
+                continue
             if is_placeholder(value):
                 p.missing.setdefault(key, "placeholder")
             elif not value:
                 p.missing.setdefault(key, "empty")
-            elif key not in p.values:  # the first value wins, as in most web frameworks
+            else:
                 p.values[key] = value
                 p.missing.pop(key, None)
         return p
@@ -257,7 +259,10 @@ def _appointment(
 ) -> Appointment | None:
     start = None
     if raw_date := p.get("appointment_date"):
-        d, t = parse_date(raw_date), parse_time(p.get("appointment_time") or "") or time()
+        raw_time = p.get("appointment_time")
+        d, t = parse_date(raw_date), parse_time(raw_time or "") or time()
+        if raw_time and parse_time(raw_time) is None:
+            invalid.append(("appointment_time", "invalid"))
         if d is None:
             invalid.append(("appointment_date", "invalid"))
         else:
@@ -272,12 +277,16 @@ def _appointment(
         ex_phone = normalize_phone(p.get("executor_phone") or "", region) if p.get("executor_phone") else None
         executor = Person(name=p.get("executor_name"), phone=ex_phone)
     paid = parse_bool(p.get("appointment_paid") or "") if event is not EventName.INVOICE_CREATED else None
+    services = split_services(p.get("services") or "")
+    if any(is_placeholder(s) for s in services):  # `Стрижка, {service.name}`: a leftover is never data
+        services = [s for s in services if not is_placeholder(s)]
+        invalid.append(("services", "placeholder"))
     appt = Appointment(
         id=p.get("appointment_id"),
         start=start,
         status=p.get("appointment_status") or p.get("status"),
         total_cost=_money(p, "appointment_total_cost", invalid),
-        services=split_services(p.get("services") or ""),
+        services=services,
         executor=executor,
         created=created,
         paid=paid,
@@ -324,12 +333,13 @@ def normalize(record: InboxRecord, *, zone: ZoneInfo, phone_region: str) -> Norm
     invalid: list[tuple[str, str]] = []
     client = _client(params, phone_region, invalid)
     appointment = _appointment(params, event, zone, phone_region, invalid)
+    invoice = _invoice(params, event, invalid)  # before `missing`: its invalid amounts belong there
     known = KNOWN | {k for k in params.values if k.startswith("utm_") or k in _CLICK_IDS}
     missing = sorted(params.missing.items()) + invalid
     data = EventData(
         client=client,
         appointment=appointment,
-        invoice=_invoice(params, event, invalid),
+        invoice=invoice,
         attribution=_attribution(params),
         user_position=params.get("user_position"),
         extra={k: v for k, v in params.values.items() if k not in known},

@@ -7,7 +7,18 @@ from urllib.parse import urlencode
 
 _FIRST_F = ["Анна", "Мария", "Екатерина", "Ольга", "Наталья", "Ирина", "Светлана", "Юлия", "Дарья", "Алина"]
 _FIRST_M = ["Иван", "Алексей", "Дмитрий", "Сергей", "Андрей", "Михаил", "Никита", "Павел"]
-_LAST = ["Иванов", "Смирнов", "Кузнецов", "Попов", "Соколов", "Лебедев", "Козлов", "Новиков", "Морозов", "Волков"]
+_LAST = [
+    "Иванов",
+    "Смирнов",
+    "Кузнецов",
+    "Попов",
+    "Соколов",
+    "Лебедев",
+    "Козлов",
+    "Новиков",
+    "Морозов",
+    "Волков",
+]
 _PATRON = ["Сергеев", "Александров", "Дмитриев", "Андреев", "Игорев", "Олегов"]
 _DOMAINS = ["mail.ru", "yandex.ru", "gmail.com", "bk.ru"]
 
@@ -22,7 +33,9 @@ def client_params(i: int, *, seed: int = 7) -> dict[str, str]:
     patron = patron.replace("ев" + "на", "евна").replace("ов" + "на", "овна")
     digits = f"9{rnd.randrange(10**9):09d}"
     # Klientiks stores phones as bare digits; people also type "8 (9xx) ..." by hand.
-    phone = f"7{digits}" if rnd.random() < 0.7 else f"8 ({digits[:3]}) {digits[3:6]}-{digits[6:8]}-{digits[8:]}"
+    phone = (
+        f"7{digits}" if rnd.random() < 0.7 else f"8 ({digits[:3]}) {digits[3:6]}-{digits[6:8]}-{digits[8:]}"
+    )
     return {
         "client_id": str(6_400_000 + i),
         "client_phone": phone,

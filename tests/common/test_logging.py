@@ -401,6 +401,14 @@ def test_url_keys_are_redacted_in_event_dicts() -> None:
             f"GET https://klientiks.ru/clientix/Restapi/list/a/1/u/2/t/{RAW_ACCESS_TOKEN}/app/clients failed",
             "GET https://klientiks.ru/clientix/Restapi/list/a/1/u/2/t/***/app/clients failed",
         ),
+        (
+            "uuid 123e4567-e89b-12d3-a456-789012345678 +7 999 123 45 67",
+            "uuid 123e4567-e89b-12d3-a456-789012345678 +7*******67",
+        ),
+        (
+            "key 78123456-1234-4567-8901-234567890123 89991234567",
+            "key 78123456-1234-4567-8901-234567890123 8*******67",
+        ),
         ("Authorization: Bearer abcdef1234567890", "Authorization: Bearer ***"),
         ("sent with X-Processing-Key: mx-12345", "sent with X-Processing-Key: ***"),
         ("payload {'api_key': 'cpa123', 'lead': 5}", "payload {'api_key': '***', 'lead': 5}"),

@@ -1,0 +1,129 @@
+"""The maxma service on a real broker and a sandbox Maxma with faults: retries, DLQ, duplicates."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.common.config import KafkaSettings, load_settings
+from services.common.events import Client, CloudEvent, EventData, EventName, header, source_uri
+from services.common.kafka import EVENTS, dlq_topic
+from services.common.ledger import DeliveryStatus, Ledger, idempotency_key, upgrade
+from services.maxma.app import create_app
+from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
+from tests.support import MAXMA_KEY, SOURCE_TOKEN, eventually, read_all, serve_app, write_config
+
+
+def _event(event_id: str, client_id: str, phone: str | None, card_note: str = "") -> CloudEvent:
+    now = datetime.now(UTC)
+    return CloudEvent(
+        id=event_id,
+        source=source_uri("salon"),
+        type=EventName.CLIENT_CREATED.ce_type,
+        time=now,
+        relayreceivedat=now,
+        subject=f"client/{client_id}",
+        data=EventData(
+            client=Client(id=client_id, full_name=f"Попова Дарья {card_note}".strip(), phone=phone)
+        ),
+    )
+
+
+async def _publish(kafka: KafkaSettings, *events: CloudEvent) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for e in events:
+            await producer.send_and_wait(
+                EVENTS, e.kafka_value(), key=f"salon:{e.subject}".encode(), headers=e.kafka_headers()
+            )
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_TEST_SOURCE_TOKEN", SOURCE_TOKEN)
+    monkeypatch.setenv("RELAY_TEST_MAXMA_KEY", MAXMA_KEY)
+
+
+@pytest.fixture
+async def service(
+    kafka: KafkaSettings, tmp_path: Path, env: None
+) -> AsyncIterator[tuple[MaxmaSandbox, Ledger]]:
+    sandbox = MaxmaSandbox()
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    ledger = Ledger.from_url(db_url)
+    await upgrade(ledger.engine)
+    async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
+        config = write_config(tmp_path / "relay.yaml", maxma_url=maxma_url)
+        settings = load_settings(config, kafka=kafka.model_dump(), database_url=db_url)
+        async with serve_app(create_app(settings)):
+            yield sandbox, ledger
+    await ledger.close()
+
+
+async def test_retries_then_delivers_once(service: tuple[MaxmaSandbox, Ledger], kafka: KafkaSettings) -> None:
+    sandbox, ledger = service
+    sandbox.add_fault({"mode": "http_status", "status": 503, "times": 1})
+    sandbox.add_fault({"mode": "error_code", "code": 49, "times": 1})
+    await _publish(kafka, _event("e1", "100", "+79161112233"))
+    key = idempotency_key("maxma", "maxma", "new-client", "e1")
+
+    async def delivered() -> bool:
+        d = await ledger.get(key)
+        return d is not None and d.status is DeliveryStatus.DELIVERED
+
+    await eventually(delivered, timeout=30, what="delivery after two retryable failures")
+    assert [(r.status, r.error_code) for r in sandbox.requests] == [(503, None), (200, 49), (200, None)]
+    assert len(sandbox.clients) == 1
+    assert [a.outcome for a in await ledger.attempts(key)] == ["retryable", "retryable", "success"]
+
+
+async def test_card_conflict_is_permanent_and_dead_lettered_with_headers(
+    service: tuple[MaxmaSandbox, Ledger], kafka: KafkaSettings
+) -> None:
+    sandbox, ledger = service
+    sandbox.add_fault({"mode": "error_code", "code": 25, "times": 1})
+    await _publish(kafka, _event("e25", "200", "+79162223344"), _event("e-nophone", "201", None))
+    (first, second) = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=2, timeout=30)
+    h = dict((k, v.decode()) for k, v in first.headers)
+    assert h["relay-dlq-class"] == "permanent"
+    assert h["relay-dlq-vendor-code"] == "25"
+    assert h["relay-dlq-http-status"] == "200"
+    assert h["relay-dlq-attempts"] == "1"
+    assert h["relay-dlq-reason"].startswith("Maxma 25")
+    assert h["relay-dlq-idempotency-key"] == idempotency_key("maxma", "maxma", "new-client", "e25")
+    assert datetime.fromisoformat(h["relay-dlq-first-attempt-at"]) <= datetime.fromisoformat(
+        h["relay-dlq-last-attempt-at"]
+    )
+    assert CloudEvent.from_kafka(first.headers, first.value).id == "e25"
+    # A client without a phone is never sent: Maxma cannot create one.
+    assert header(list(second.headers), "ce_id") == "e-nophone"
+    assert "phone" in (header(list(second.headers), "relay-dlq-reason") or "")
+    assert [r.path for r in sandbox.requests] == ["/new-client"]
+    assert sandbox.clients == {}
+    d = await ledger.get(idempotency_key("maxma", "maxma", "new-client", "e25"))
+    assert d is not None
+    assert d.status is DeliveryStatus.FAILED
+
+
+async def test_exhausted_retries_go_to_the_dlq(
+    service: tuple[MaxmaSandbox, Ledger], kafka: KafkaSettings
+) -> None:
+    sandbox, _ = service
+    sandbox.add_fault({"mode": "http_status", "status": 502, "times": 3})
+    await _publish(kafka, _event("e502", "300", "+79163334455"))
+    (dead,) = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=1, timeout=30)
+    h = dict((k, v.decode()) for k, v in dead.headers)
+    assert (h["relay-dlq-class"], h["relay-dlq-http-status"], h["relay-dlq-attempts"]) == (
+        "retryable",
+        "502",
+        "3",
+    )
+    assert len(sandbox.requests) == 3
+    assert sandbox.clients == {}

@@ -1,0 +1,235 @@
+"""Helpers shared by the integration tests: real HTTP servers, subprocess roles, Kafka look-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+MAXMA_KEY = "test-processing-key-0123456789"
+SOURCE_TOKEN = "salon-token-0123456789abcdef"
+
+
+class _TestServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn would take SIGINT/SIGTERM from pytest while serving.
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_app(
+    app: Any, *, startup_timeout: float = 10.0, shutdown_timeout: float = 5.0, **config: Any
+) -> AsyncIterator[str]:
+    """Run ``app`` with uvicorn on a free 127.0.0.1 port in this event loop; yield its base URL."""
+    # Bind first and hand the socket over: picking a port and binding later races with other tests.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config.setdefault("log_level", "warning")
+    config.setdefault("timeout_graceful_shutdown", shutdown_timeout)
+    server = _TestServer(uvicorn.Config(app, host="127.0.0.1", port=port, **config))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(startup_timeout):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn exited before it started")
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), shutdown_timeout + 5)
+        except TimeoutError:
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, *, maxma_url: str, extra_connection: str = "") -> Path:
+    path.write_text(
+        "sources:\n"
+        "  - name: salon\n"
+        "    token: ${RELAY_TEST_SOURCE_TOKEN}\n"
+        "    timezone: Europe/Moscow\n"
+        "    phone_region: RU\n"
+        "    connections:\n"
+        "      - target: maxma\n"
+        f"        base_url: {maxma_url}\n"
+        "        processing_key: ${RELAY_TEST_MAXMA_KEY}\n"
+        "        max_attempts: 3\n"
+        "        events:\n"
+        "          client-created: new-client\n" + extra_connection
+    )
+    return path
+
+
+def role_env(config: Path, bootstrap: str, database_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_CONFIG=str(config),
+        RELAY_KAFKA__BOOTSTRAP_SERVERS=bootstrap,
+        RELAY_KAFKA__ENABLE_IDEMPOTENCE="false",
+        RELAY_DATABASE_URL=database_url,
+        RELAY_LOG_FORMAT="json",
+        RELAY_TEST_SOURCE_TOKEN=SOURCE_TOKEN,
+        RELAY_TEST_MAXMA_KEY=MAXMA_KEY,
+    )
+    env.update(extra)
+    return env
+
+
+class Roles:
+    """Process roles started as `relay ...` subprocesses, as in production."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        port = free_port()
+        out = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args, "--host", "127.0.0.1", "--port", str(port)],
+            env={**self.env, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs[name], self.ports[name] = proc, port
+        return proc
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    async def ready(self, *names: str, timeout: float = 30.0) -> None:
+        async with httpx.AsyncClient() as client:
+            for name in names:
+                deadline = time.monotonic() + timeout
+                while True:
+                    proc = self.procs[name]
+                    if proc.poll() is not None:
+                        raise AssertionError(
+                            f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}"
+                        )
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(self.url(name) + "/readyz", timeout=2)).status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{name} not ready:\n{self.log(name)[-3000:]}")
+                    await asyncio.sleep(0.1)
+
+    async def wait_exit(self, name: str, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.procs[name].poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} still running:\n{self.log(name)[-3000:]}")
+            await asyncio.sleep(0.05)
+        return int(self.procs[name].returncode)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return int(proc.returncode)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """Committed offsets of ``group`` on ``topic`` (Tansu needs ``partitions=``)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(await partition_count(bootstrap, topic))]
+        offsets = await admin.list_consumer_group_offsets(group, partitions=parts)
+        return {tp.partition: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+    finally:
+        await admin.close()
+
+
+async def partition_count(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        meta = await admin.describe_topics([topic])
+        return len(meta[0]["partitions"])
+    finally:
+        await admin.close()
+
+
+async def read_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 15.0) -> list[Any]:
+    """Every record of ``topic`` from the start, waiting until ``expect`` have arrived."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(records) < expect and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+    finally:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(consumer.stop(), 5)
+    return records
