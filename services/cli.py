@@ -323,9 +323,10 @@ def run(
             s0 = settings.sources[0]
             console.print('\nTry it (a seed-style "Добавление клиента" webhook):')
             console.print(
-                f"  curl 'http://127.0.0.1:8080/hooks/klientiks/{s0.token.get_secret_value()}/client-created"
-                "?client_id=1001&client_phone=79991234567&client_name=Иванова Анна Сергеевна"
-                "&client_first_name=Анна&client_second_name=Иванова&client_email=anna@example.ru'",
+                f"  curl -G 'http://127.0.0.1:8080/hooks/klientiks/{s0.token.get_secret_value()}/client-created' "
+                "--data-urlencode client_id=1001 --data-urlencode client_phone=79991234567 "
+                "--data-urlencode 'client_name=Иванова Анна Сергеевна' --data-urlencode client_first_name=Анна "
+                "--data-urlencode client_second_name=Иванова --data-urlencode client_email=anna@example.ru",
                 soft_wrap=True,
             )
             console.print(f"  curl http://127.0.0.1:{sandbox_port}/_sandbox/clients\n")

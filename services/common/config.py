@@ -33,6 +33,8 @@ Target = Literal["maxma", "cpahouse", "weeek", "plarin"]
 
 _REF = re.compile(r"\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Target-specific connection keys stay plain strings until the target's model types them; mask these in repr.
+_SECRET_KEY = re.compile(r"(key|token|secret|password)$", re.IGNORECASE)
 MIN_TOKEN_LENGTH = 16
 
 
@@ -72,6 +74,10 @@ class ConnectionConfig(BaseModel):
     # Klientiks event -> target action, e.g. {"client-created": "new-client"}.
     events: dict[EventName, str] = Field(min_length=1)
     rate_limit_per_s: float | None = Field(None, gt=0)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for k, v in super().__repr_args__():
+            yield k, (SecretStr(v) if k and isinstance(v, str) and _SECRET_KEY.search(k) else v)
 
     @model_validator(mode="after")
     def _default_name(self) -> ConnectionConfig:

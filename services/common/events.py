@@ -147,9 +147,14 @@ class CloudEvent(Payload):
         attrs: dict[str, Any] = {}
         for k, v in headers:
             if k.startswith("ce_"):
-                attrs[k[3:]] = v.decode()
+                name = k[3:]
+                # Extension attributes of other producers are allowed by the spec; we do not read them.
+                if name in cls.model_fields:
+                    attrs[name] = v.decode()
             elif k == "content-type":
                 attrs["datacontenttype"] = v.decode()
+        if "specversion" not in attrs:
+            raise ValueError("not a CloudEvent: the ce_specversion header is missing")
         attrs["data"] = json.loads(value)
         return cls.model_validate(attrs)
 

@@ -150,6 +150,9 @@ def make_engine(url: str) -> AsyncEngine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            # Safe against process crashes; only a power loss can undo the last commits, and the
+            # targets' natural keys (Maxma externalId) still stop a second effect then.
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=10000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

@@ -26,7 +26,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²": str.isdigit() accepts it, float() does not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -38,16 +38,28 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - current)
 
 
+def _error_code(value: Any) -> int | None:
+    # The SDKs declare an int; accept a numeric string rather than misreading "24" as a new error.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
 def classify(status: int, headers: httpx.Headers, body: bytes) -> Outcome:
     """Success, retryable or permanent, from one HTTP answer of Maxma."""
-    if status == 429 or status >= 500:
+    # 408: the server gave up waiting for our request, a timeout like any other.
+    if status in (408, 429) or status >= 500:
         return Outcome.retryable(
             f"HTTP {status}", http_status=status, retry_after=parse_retry_after(headers.get("retry-after"))
         )
     data: Any = None
     with contextlib.suppress(ValueError):
         data = httpx.Response(status, content=body).json()
-    code = data.get("errorCode") if isinstance(data, dict) else None
+    code = _error_code(data.get("errorCode")) if isinstance(data, dict) else None
     if status in (401, 403):
         return Outcome.permanent(
             f"HTTP {status}: the processing key was refused",

@@ -20,6 +20,7 @@ _LAST = [
     "Волков",
 ]
 _PATRON = ["Сергеев", "Александров", "Дмитриев", "Андреев", "Игорев", "Олегов"]
+_MOBILE_CODES = ["903", "905", "915", "916", "925", "926", "985", "999"]
 _DOMAINS = ["mail.ru", "yandex.ru", "gmail.com", "bk.ru"]
 
 
@@ -31,7 +32,8 @@ def client_params(i: int, *, seed: int = 7) -> dict[str, str]:
     last = rnd.choice(_LAST) + ("а" if female else "")
     patron = rnd.choice(_PATRON) + ("на" if female else "ич")
     patron = patron.replace("ев" + "на", "евна").replace("ов" + "на", "овна")
-    digits = f"9{rnd.randrange(10**9):09d}"
+    # Codes of the big mobile operators: every number in them is valid by phonenumbers' metadata.
+    digits = f"{rnd.choice(_MOBILE_CODES)}{rnd.randrange(10**7):07d}"
     # Klientiks stores phones as bare digits; people also type "8 (9xx) ..." by hand.
     phone = (
         f"7{digits}" if rnd.random() < 0.7 else f"8 ({digits[:3]}) {digits[3:6]}-{digits[6:8]}-{digits[8:]}"
