@@ -133,18 +133,9 @@ def broker(port: Annotated[int, typer.Option(help="Kafka port.")] = 9092) -> Non
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply the ledger's Alembic migrations to RELAY_DATABASE_URL."""
-    from services.common.ledger import Ledger, upgrade
+    from services.common.ledger import migrate
 
-    settings = _settings()
-
-    async def run() -> None:
-        ledger = Ledger.from_url(settings.database_url)
-        try:
-            await upgrade(ledger.engine)
-        finally:
-            await ledger.close()
-
-    asyncio.run(run())
+    asyncio.run(migrate(_settings().database_url))
     console.print("ledger is up to date")
 
 
@@ -287,16 +278,9 @@ def run(
     os.environ.update(env)
     settings = _settings()
 
-    from services.common.ledger import Ledger, upgrade
+    from services.common.ledger import migrate
 
-    async def migrate() -> None:
-        ledger = Ledger.from_url(settings.database_url)
-        try:
-            await upgrade(ledger.engine)
-        finally:
-            await ledger.close()
-
-    asyncio.run(migrate())
+    asyncio.run(migrate(settings.database_url))
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, args, port in ROLES:

@@ -11,13 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+
+from services.common.events import CloudEvent, kafka_key
+from services.common.kafka import EVENTS
+from services.common.ledger import Ledger, upgrade
+from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
 
 MAXMA_KEY = "test-processing-key-0123456789"
 SOURCE_TOKEN = "salon-token-0123456789abcdef"
@@ -86,6 +92,42 @@ def write_config(path: Path, *, maxma_url: str, extra_connection: str = "") -> P
         "          client-created: new-client\n" + extra_connection
     )
     return path
+
+
+@dataclass
+class Target:
+    """A sandbox Maxma on real HTTP, a migrated SQLite ledger and a config file pointing at both."""
+
+    sandbox: MaxmaSandbox
+    ledger: Ledger
+    db_url: str
+    config: Path
+
+
+@contextlib.asynccontextmanager
+async def maxma_target(tmp_path: Path) -> AsyncIterator[Target]:
+    sandbox = MaxmaSandbox()
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+    ledger = Ledger.from_url(db_url)
+    await upgrade(ledger.engine)
+    try:
+        async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
+            yield Target(sandbox, ledger, db_url, write_config(tmp_path / "relay.yaml", maxma_url=maxma_url))
+    finally:
+        await ledger.close()
+
+
+async def publish_events(bootstrap: str, *events: CloudEvent) -> None:
+    """Publish events to klientiks.events.v1 as the normalizer does (binary mode, per-client key)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for e in events:
+            client, appt = e.data.client, e.data.appointment
+            key = kafka_key(e.source_name, client.id if client else None, appt.id if appt else None)
+            await producer.send_and_wait(EVENTS, e.kafka_value(), key=key.encode(), headers=e.kafka_headers())
+    finally:
+        await producer.stop()
 
 
 def role_env(config: Path, bootstrap: str, database_url: str, **extra: str) -> dict[str, str]:

@@ -177,6 +177,15 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         await conn.run_sync(run)
 
 
+async def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the newest schema and let go of it."""
+    engine = make_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
 class Ledger:
     """Idempotency and history of deliveries. One instance per process; safe for concurrent tasks."""
 

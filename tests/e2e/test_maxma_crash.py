@@ -7,15 +7,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from services.common.embedded import EmbeddedBroker
-from services.common.events import Client, CloudEvent, EventData, EventName, kafka_key, source_uri
+from services.common.events import Client, CloudEvent, EventData, EventName, source_uri
 from services.common.failpoints import EXIT_CODE
 from services.common.kafka import EVENTS
-from services.common.ledger import DeliveryStatus, Ledger, idempotency_key, upgrade
-from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
-from tests.support import MAXMA_KEY, Roles, committed, eventually, role_env, serve_app, write_config
+from services.common.ledger import DeliveryStatus, idempotency_key
+from tests.support import Roles, committed, eventually, maxma_target, publish_events, role_env
 
 
 def _event(event_id: str) -> CloudEvent:
@@ -40,20 +38,6 @@ def _event(event_id: str) -> CloudEvent:
     )
 
 
-async def _publish(bootstrap: str, event: CloudEvent) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            EVENTS,
-            event.kafka_value(),
-            key=kafka_key("salon", "6439302", None).encode(),
-            headers=event.kafka_headers(),
-        )
-    finally:
-        await producer.stop()
-
-
 @pytest.mark.parametrize(
     ("failpoint", "requests_after_restart"),
     [
@@ -66,17 +50,13 @@ async def _publish(bootstrap: str, event: CloudEvent) -> None:
 async def test_killed_before_commit_creates_the_client_once(
     broker: EmbeddedBroker, kafka: object, tmp_path: Path, failpoint: str, requests_after_restart: int
 ) -> None:
-    sandbox = MaxmaSandbox()
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-    ledger = Ledger.from_url(db_url)
-    await upgrade(ledger.engine)
-    async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
-        config = write_config(tmp_path / "relay.yaml", maxma_url=maxma_url)
-        roles = Roles(role_env(config, broker.bootstrap_servers, db_url), tmp_path)
+    async with maxma_target(tmp_path) as target:
+        sandbox, ledger = target.sandbox, target.ledger
+        roles = Roles(role_env(target.config, broker.bootstrap_servers, target.db_url), tmp_path)
         try:
             roles.start("maxma", "maxma", env={"RELAY_FAILPOINTS": f'["{failpoint}"]'})
             await roles.ready("maxma")
-            await _publish(broker.bootstrap_servers, _event("evt-crash"))
+            await publish_events(broker.bootstrap_servers, _event("evt-crash"))
 
             assert await roles.wait_exit("maxma") == EXIT_CODE, roles.log("maxma")[-2000:]
             assert len(sandbox.clients) == 1
@@ -101,7 +81,6 @@ async def test_killed_before_commit_creates_the_client_once(
             assert delivery.status is DeliveryStatus.DELIVERED
         finally:
             roles.stop_all()
-            await ledger.close()
 
 
 async def _committed_one(bootstrap: str) -> bool:

@@ -11,17 +11,15 @@ import httpx
 import pytest
 
 from services.common.embedded import EmbeddedBroker
-from services.common.ledger import DeliveryStatus, Ledger, idempotency_key, upgrade
-from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
+from services.common.ledger import DeliveryStatus, Ledger, idempotency_key
+from services.sandbox.maxma import MaxmaSandbox
 from tests.support import (
-    MAXMA_KEY,
     SOURCE_TOKEN,
     Roles,
     committed,
     eventually,
+    maxma_target,
     role_env,
-    serve_app,
-    write_config,
 )
 
 # The "Добавление клиента" template of the seeds, rendered by Klientiks for a real-looking client.
@@ -47,22 +45,16 @@ class Stack:
 
 @pytest.fixture
 async def stack(broker: EmbeddedBroker, tmp_path: Path) -> AsyncIterator[Stack]:
-    sandbox = MaxmaSandbox()
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-    ledger = Ledger.from_url(db_url)
-    await upgrade(ledger.engine)
-    async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
-        config = write_config(tmp_path / "relay.yaml", maxma_url=maxma_url)
-        roles = Roles(role_env(config, broker.bootstrap_servers, db_url), tmp_path)
+    async with maxma_target(tmp_path) as target:
+        roles = Roles(role_env(target.config, broker.bootstrap_servers, target.db_url), tmp_path)
         try:
             roles.start("api", "ingest", "api")
             roles.start("normalizer", "ingest", "normalizer")
             roles.start("maxma", "maxma")
             await roles.ready("api", "normalizer", "maxma")
-            yield Stack(roles, sandbox, ledger, broker.bootstrap_servers)
+            yield Stack(roles, target.sandbox, target.ledger, broker.bootstrap_servers)
         finally:
             roles.stop_all()
-            await ledger.close()
 
 
 async def _consumer_caught_up(bootstrap: str, group: str, topic: str, expected_total: int) -> bool:

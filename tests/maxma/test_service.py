@@ -7,15 +7,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from services.common.config import KafkaSettings, load_settings
 from services.common.events import Client, CloudEvent, EventData, EventName, header, source_uri
-from services.common.kafka import EVENTS, dlq_topic
-from services.common.ledger import DeliveryStatus, Ledger, idempotency_key, upgrade
+from services.common.kafka import dlq_topic
+from services.common.ledger import DeliveryStatus, Ledger, idempotency_key
 from services.maxma.app import create_app
-from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
-from tests.support import MAXMA_KEY, SOURCE_TOKEN, eventually, read_all, serve_app, write_config
+from services.sandbox.maxma import MaxmaSandbox
+from tests.support import (
+    MAXMA_KEY,
+    SOURCE_TOKEN,
+    eventually,
+    maxma_target,
+    publish_events,
+    read_all,
+    serve_app,
+)
 
 
 def _event(event_id: str, client_id: str, phone: str | None, card_note: str = "") -> CloudEvent:
@@ -33,18 +40,6 @@ def _event(event_id: str, client_id: str, phone: str | None, card_note: str = ""
     )
 
 
-async def _publish(kafka: KafkaSettings, *events: CloudEvent) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
-    await producer.start()
-    try:
-        for e in events:
-            await producer.send_and_wait(
-                EVENTS, e.kafka_value(), key=f"salon:{e.subject}".encode(), headers=e.kafka_headers()
-            )
-    finally:
-        await producer.stop()
-
-
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_TEST_SOURCE_TOKEN", SOURCE_TOKEN)
@@ -55,23 +50,17 @@ def env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def service(
     kafka: KafkaSettings, tmp_path: Path, env: None
 ) -> AsyncIterator[tuple[MaxmaSandbox, Ledger]]:
-    sandbox = MaxmaSandbox()
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
-    ledger = Ledger.from_url(db_url)
-    await upgrade(ledger.engine)
-    async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
-        config = write_config(tmp_path / "relay.yaml", maxma_url=maxma_url)
-        settings = load_settings(config, kafka=kafka.model_dump(), database_url=db_url)
+    async with maxma_target(tmp_path) as target:
+        settings = load_settings(target.config, kafka=kafka.model_dump(), database_url=target.db_url)
         async with serve_app(create_app(settings)):
-            yield sandbox, ledger
-    await ledger.close()
+            yield target.sandbox, target.ledger
 
 
 async def test_retries_then_delivers_once(service: tuple[MaxmaSandbox, Ledger], kafka: KafkaSettings) -> None:
     sandbox, ledger = service
     sandbox.add_fault({"mode": "http_status", "status": 503, "times": 1})
     sandbox.add_fault({"mode": "error_code", "code": 49, "times": 1})
-    await _publish(kafka, _event("e1", "100", "+79161112233"))
+    await publish_events(kafka.bootstrap_servers, _event("e1", "100", "+79161112233"))
     key = idempotency_key("maxma", "maxma", "new-client", "e1")
 
     async def delivered() -> bool:
@@ -89,7 +78,9 @@ async def test_card_conflict_is_permanent_and_dead_lettered_with_headers(
 ) -> None:
     sandbox, ledger = service
     sandbox.add_fault({"mode": "error_code", "code": 25, "times": 1})
-    await _publish(kafka, _event("e25", "200", "+79162223344"), _event("e-nophone", "201", None))
+    await publish_events(
+        kafka.bootstrap_servers, _event("e25", "200", "+79162223344"), _event("e-nophone", "201", None)
+    )
     dead = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=2, timeout=30)
     # The two events sit on different partitions: their order in the DLQ is not fixed.
     by_id = {header(list(r.headers), "ce_id"): r for r in dead}
@@ -120,7 +111,7 @@ async def test_exhausted_retries_go_to_the_dlq(
 ) -> None:
     sandbox, _ = service
     sandbox.add_fault({"mode": "http_status", "status": 502, "times": 3})
-    await _publish(kafka, _event("e502", "300", "+79163334455"))
+    await publish_events(kafka.bootstrap_servers, _event("e502", "300", "+79163334455"))
     (dead,) = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=1, timeout=30)
     h = dict((k, v.decode()) for k, v in dead.headers)
     assert (h["relay-dlq-class"], h["relay-dlq-http-status"], h["relay-dlq-attempts"]) == (
