@@ -87,7 +87,6 @@ def write_config(path: Path, *, maxma_url: str, extra_connection: str = "") -> P
         "      - target: maxma\n"
         f"        base_url: {maxma_url}\n"
         "        processing_key: ${RELAY_TEST_MAXMA_KEY}\n"
-        "        max_attempts: 3\n"
         "        events:\n"
         "          client-created: new-client\n" + extra_connection
     )
@@ -130,6 +129,16 @@ async def publish_events(bootstrap: str, *events: CloudEvent) -> None:
         await producer.stop()
 
 
+# Fast retries for tests: three attempts in well under a second, short throttle and circuit pauses.
+FAST_DELIVERY = {
+    "retry_schedule": "0,0.2s",
+    "throttle_floor_s": 1.0,
+    "circuit_open_s": 1.0,
+    "park_poll_s": 0.2,
+    "commit_interval_s": 0.2,
+}
+
+
 def role_env(config: Path, bootstrap: str, database_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     env.update(
@@ -140,6 +149,7 @@ def role_env(config: Path, bootstrap: str, database_url: str, **extra: str) -> d
         RELAY_LOG_FORMAT="json",
         RELAY_TEST_SOURCE_TOKEN=SOURCE_TOKEN,
         RELAY_TEST_MAXMA_KEY=MAXMA_KEY,
+        **{f"RELAY_DELIVERY__{k.upper()}": str(v) for k, v in FAST_DELIVERY.items()},
     )
     env.update(extra)
     return env

@@ -158,6 +158,36 @@ class KafkaSettings(Strict):
     client_id: str = "klientiks-relay"
 
 
+class DeliverySettings(Strict):
+    """The delivery runtime shared by every target service."""
+
+    # Deliveries waiting on their target at once, per process.
+    max_in_flight: int = Field(100, ge=1)
+    # Records held in memory before the partitions are paused (memory stays bounded).
+    max_buffered: int = Field(2000, ge=10)
+    retry_schedule: str = "0,5s,5m,30m,2h,5h,10h,10h"
+    retry_jitter: float = Field(0.2, ge=0, lt=1)
+    # At least this long after a 429 or a timeout.
+    throttle_floor_s: float = Field(60.0, ge=0)
+    # A retry due sooner than this waits in memory; a later one is parked in the ledger.
+    hold_in_memory_s: float = Field(10.0, ge=0)
+    circuit_failures: int = Field(5, ge=1)
+    circuit_open_s: float = Field(30.0, gt=0)
+    circuit_max_open_s: float = Field(600.0, gt=0)
+    commit_interval_s: float = Field(0.5, gt=0)
+    park_poll_s: float = Field(1.0, gt=0)
+    # How long SIGTERM or a rebalance waits for attempts already on the wire.
+    shutdown_grace_s: float = Field(20.0, gt=0)
+
+    @field_validator("retry_schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from services.common.delivery.policy import parse_schedule
+
+        parse_schedule(v)
+        return v
+
+
 class Settings(BaseSettings):
     """Process settings: the YAML file first, ``RELAY_*`` variables override (``RELAY_KAFKA__BOOTSTRAP_SERVERS``)."""
 
@@ -167,6 +197,7 @@ class Settings(BaseSettings):
 
     config: Path | None = None
     kafka: KafkaSettings = KafkaSettings()
+    delivery: DeliverySettings = DeliverySettings()
     database_url: str = "sqlite+aiosqlite:///relay.db"
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -1,13 +1,22 @@
-"""Health, readiness and metrics routes for the worker processes (FastStream ASGI apps)."""
+"""Health, readiness and metrics for the worker processes: FastStream apps and delivery services."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 from faststream.asgi import AsgiResponse, get
 from faststream.kafka import KafkaBroker
 from prometheus_client import make_asgi_app
+
+from services.common.kafka import ensure_topics
+from services.common.ledger import Ledger, upgrade
+
+if TYPE_CHECKING:
+    from services.common.delivery.runtime import DeliveryRuntime
 
 Check = Callable[[], Awaitable[bool]]
 
@@ -30,3 +39,46 @@ def worker_routes(broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = ())
         return AsgiResponse(b"ready", 200)
 
     return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app())]
+
+
+def runtime_app(
+    runtime: DeliveryRuntime,
+    ledger: Ledger,
+    *,
+    title: str,
+    migrate: bool = False,
+    closing: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> FastAPI:
+    """The HTTP face of a delivery service: the runtime runs for the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            await upgrade(ledger.engine)
+        await ensure_topics(runtime.settings.kafka)
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+            for close in closing:
+                await close()
+            await ledger.close()
+
+    app = FastAPI(title=title, lifespan=lifespan, openapi_url=None)
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/healthz")
+    async def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get("/readyz")
+    async def readyz() -> PlainTextResponse:
+        failed = [
+            name for name, check in (("kafka", runtime.ready), ("database", ledger.ping)) if not await check()
+        ]
+        if failed:
+            return PlainTextResponse(f"unreachable: {', '.join(failed)}", status_code=503)
+        return PlainTextResponse("ready")
+
+    return app

@@ -1,13 +1,19 @@
-"""The delivery ledger: idempotency keys, every attempt, the operation history (SQLite or PostgreSQL)."""
+"""The ledger: idempotency keys, every attempt, parked deliveries, the event history (SQLite or PostgreSQL).
+
+Writes from concurrent deliveries are coalesced: one transaction carries every write queued while the
+previous one ran (group commit), so a thousand deliveries a second do not cost two thousand transactions.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
@@ -17,21 +23,28 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
+    bindparam,
+    delete,
     event,
+    func,
+    insert,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.outcome import Outcome, OutcomeKind
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+MAX_BATCH = 500
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -60,8 +73,12 @@ class Base(DeclarativeBase):
 
 class DeliveryStatus(StrEnum):
     PENDING = "pending"
+    PARKED = "parked"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+SETTLED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.FAILED})
 
 
 class DeliveryRow(Base):
@@ -76,6 +93,10 @@ class DeliveryRow(Base):
     action: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts made before the last replay: the retry schedule restarts from here.
+    retry_base: Mapped[int] = mapped_column(Integer, default=0)
+    # When a pending delivery may be tried again (a crash must not make it sooner).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -99,8 +120,47 @@ class AttemptRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class ParkedRow(Base):
+    """A delivery waiting in the database: for its next retry, for a circuit, or behind its key."""
+
+    __tablename__ = "parked"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order within a lane
+    idempotency_key: Mapped[str] = mapped_column(String(255), unique=True)
+    target: Mapped[str] = mapped_column(String(32))
+    lane: Mapped[str] = mapped_column(String(400), index=True)
+    partition: Mapped[int] = mapped_column(Integer)
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    reason: Mapped[str] = mapped_column(String(16))
+    connection: Mapped[str] = mapped_column(String(130))
+    action: Mapped[str] = mapped_column(String(64))
+    kafka_key: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(Text)  # the CloudEvent as JSON
+    replay: Mapped[int] = mapped_column(Integer, default=0)
+    parked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EventRow(Base):
+    """What arrived and what it was normalized to: the history behind `relay events show|find`."""
+
+    __tablename__ = "events"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(64), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    client_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    # SHA-256 of the E.164 phone: findable by phone without keeping the phone in an index.
+    phone_hash: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
+    kafka_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    inbox: Mapped[str] = mapped_column(Text)
+    normalized: Mapped[str | None] = mapped_column(Text, nullable=True)
+    quarantine_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
 @dataclass(frozen=True)
 class Delivery:
+    id: int
     idempotency_key: str
     event_id: str
     source: str
@@ -109,6 +169,8 @@ class Delivery:
     action: str
     status: DeliveryStatus
     attempts: int
+    retry_base: int
+    next_attempt_at: datetime | None
     created_at: datetime
     updated_at: datetime
     delivered_at: datetime | None
@@ -118,28 +180,48 @@ class Delivery:
     target_ref: str | None
 
     @classmethod
-    def of(cls, row: DeliveryRow) -> Delivery:
+    def of(cls, row: Any) -> Delivery:
         return cls(
-            row.idempotency_key,
-            row.event_id,
-            row.source,
-            row.connection,
-            row.target,
-            row.action,
-            DeliveryStatus(row.status),
-            row.attempts,
-            row.created_at,
-            row.updated_at,
-            row.delivered_at,
-            row.http_status,
-            row.vendor_code,
-            row.error,
-            row.target_ref,
-        )
+            row.id, row.idempotency_key, row.event_id, row.source, row.connection, row.target, row.action,
+            DeliveryStatus(row.status), row.attempts, row.retry_base, row.next_attempt_at, row.created_at, row.updated_at,
+            row.delivered_at, row.http_status, row.vendor_code, row.error, row.target_ref,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Parked:
+    idempotency_key: str
+    lane: str
+    partition: int
+    due_at: datetime
+    reason: str
+    connection: str
+    action: str
+    kafka_key: str
+    event: str
+    replay: bool
+    seq: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: str
+    source: str
+    event: str
+    received_at: datetime
+    client_id: str | None
+    kafka_key: str | None
+    inbox: str
+    normalized: str | None
+    quarantine_reason: str | None
 
 
 def idempotency_key(target: str, connection: str, action: str, event_id: str) -> str:
     return f"{target}:{connection}:{action}:{event_id}"
+
+
+def phone_hash(e164: str) -> str:
+    return hashlib.sha256(e164.encode()).hexdigest()
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -186,12 +268,72 @@ async def migrate(url: str) -> None:
         await engine.dispose()
 
 
+# ------------------------------------------------------------------------------------------ write batching
+
+
+@dataclass
+class _Op:
+    kind: str
+    args: dict[str, Any]
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+class _WriteQueue:
+    """Runs queued writes in one transaction each time the previous transaction is done."""
+
+    def __init__(
+        self, engine: AsyncEngine, apply: Callable[[AsyncConnection, list[_Op]], Awaitable[None]]
+    ) -> None:
+        self._engine = engine
+        self._apply = apply
+        self._ops: list[_Op] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, kind: str, **args: Any) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append(_Op(kind, args, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._ops:
+                batch, self._ops = self._ops[:MAX_BATCH], self._ops[MAX_BATCH:]
+                try:
+                    async with self._engine.begin() as conn:
+                        await self._apply(conn, batch)
+                except BaseException as e:
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
+                    if not isinstance(e, Exception):
+                        raise
+                else:
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_result(op.args.get("result"))
+        finally:
+            self._task = None
+
+
+_STATUS = {
+    OutcomeKind.SUCCESS: DeliveryStatus.DELIVERED,
+    OutcomeKind.PERMANENT: DeliveryStatus.FAILED,
+}
+
+_D = cast(Table, DeliveryRow.__table__)
+_A = cast(Table, AttemptRow.__table__)
+_P = cast(Table, ParkedRow.__table__)
+_E = cast(Table, EventRow.__table__)
+
+
 class Ledger:
-    """Idempotency and history of deliveries. One instance per process; safe for concurrent tasks."""
+    """Idempotency, history and parked deliveries. One instance per process; safe for concurrent tasks."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._writes = _WriteQueue(engine, self._apply)
 
     @classmethod
     def from_url(cls, url: str) -> Ledger:
@@ -208,109 +350,300 @@ class Ledger:
             return False
         return True
 
+    # -- writes (batched) ----------------------------------------------------------------------------
+
     async def begin(
-        self, key: str, *, event_id: str, source: str, connection: str, target: str, action: str
+        self,
+        key: str,
+        *,
+        event_id: str,
+        source: str,
+        connection: str,
+        target: str,
+        action: str,
+        replay: bool = False,
     ) -> Delivery:
-        """Record that a delivery is wanted (if new) and return its current state."""
-        now = datetime.now(UTC)
-        values = dict(
-            idempotency_key=key,
-            event_id=event_id,
-            source=source,
-            connection=connection,
-            target=target,
-            action=action,
-            status=DeliveryStatus.PENDING.value,
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
-        dialect = self.engine.dialect.name
-        ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DeliveryRow)
-        async with self._sessions.begin() as s:
-            await s.execute(ins.values(**values).on_conflict_do_nothing(index_elements=["idempotency_key"]))
-            row = (
-                await s.execute(select(DeliveryRow).where(DeliveryRow.idempotency_key == key))
-            ).scalar_one()
-            return Delivery.of(row)
+        """Record that a delivery is wanted (if new) and return its current state.
+
+        ``replay`` turns a failed delivery back into a pending one whose retry schedule starts again; a
+        delivered one stays delivered, so a replay never causes a second effect.
+        """
+        result: Delivery = await self._writes.submit(
+            "begin", key=key, event_id=event_id, source=source, connection=connection, target=target,
+            action=action, replay=replay,
+        )  # fmt: skip
+        return result
 
     async def record(
-        self, key: str, outcome: Outcome, *, started_at: datetime, duration_s: float, final: bool = False
+        self,
+        key: str,
+        outcome: Outcome,
+        *,
+        started_at: datetime,
+        duration_s: float,
+        final: bool = False,
+        next_attempt_at: datetime | None = None,
     ) -> Delivery:
         """Store one attempt and move the delivery on; ``final`` settles a retryable outcome as failed."""
+        result: Delivery = await self._writes.submit(
+            "record",
+            key=key,
+            outcome=outcome,
+            started_at=started_at,
+            duration_s=duration_s,
+            final=final,
+            next_attempt_at=next_attempt_at,
+        )
+        return result
+
+    async def park(
+        self, key: str, *, target: str, lane: str, partition: int, due_at: datetime, reason: str,
+        connection: str, action: str, kafka_key: str, event: str, replay: bool = False,
+    ) -> None:  # fmt: skip
+        """Keep a delivery in the database until ``due_at`` (and until the lane reaches it)."""
+        await self._writes.submit(
+            "park", key=key, target=target, lane=lane, partition=partition, due_at=due_at, reason=reason,
+            connection=connection, action=action, kafka_key=kafka_key, event=event, replay=replay,
+        )  # fmt: skip
+
+    async def repark(self, key: str, *, due_at: datetime, reason: str) -> None:
+        await self._writes.submit("repark", key=key, due_at=due_at, reason=reason)
+
+    async def unpark(self, key: str) -> None:
+        await self._writes.submit("unpark", key=key)
+
+    async def add_event(
+        self, *, id: str, source: str, event: str, received_at: datetime, client_id: str | None,
+        phone: str | None, kafka_key: str | None, inbox: str, normalized: str | None,
+        quarantine_reason: str | None,
+    ) -> None:  # fmt: skip
+        """Keep what arrived and what it became; a repeat of the same id changes nothing."""
+        await self._writes.submit(
+            "event", id=id, source=source, event=event, received_at=received_at, client_id=client_id,
+            phone_hash=phone_hash(phone) if phone else None, kafka_key=kafka_key, inbox=inbox,
+            normalized=normalized, quarantine_reason=quarantine_reason,
+        )  # fmt: skip
+
+    def _insert_ignore(self, table: Any, index: str) -> Any:
+        ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
+        return ins.on_conflict_do_nothing(index_elements=[index])
+
+    async def _apply(self, conn: AsyncConnection, ops: list[_Op]) -> None:
         now = datetime.now(UTC)
-        status = {
-            OutcomeKind.SUCCESS: DeliveryStatus.DELIVERED,
-            OutcomeKind.PERMANENT: DeliveryStatus.FAILED,
-            OutcomeKind.RETRYABLE: DeliveryStatus.FAILED if final else DeliveryStatus.PENDING,
-        }[outcome.kind]
-        async with self._sessions.begin() as s:
-            row = (
-                await s.execute(
-                    select(DeliveryRow).where(DeliveryRow.idempotency_key == key).with_for_update()
-                )
-            ).scalar_one()
+        by_kind: dict[str, list[_Op]] = {}
+        for op in ops:
+            by_kind.setdefault(op.kind, []).append(op)
+        if begins := by_kind.get("begin"):
+            await self._apply_begins(conn, begins, now)
+        if records := by_kind.get("record"):
+            await self._apply_records(conn, records, now)
+        if parks := by_kind.get("park"):
+            await conn.execute(self._insert_ignore(_P, "idempotency_key"), [
+                dict(idempotency_key=o.args["key"], target=o.args["target"], lane=o.args["lane"],
+                     partition=o.args["partition"], due_at=o.args["due_at"], reason=o.args["reason"],
+                     connection=o.args["connection"], action=o.args["action"], kafka_key=o.args["kafka_key"],
+                     event=o.args["event"], replay=int(o.args["replay"]), parked_at=now)
+                for o in parks
+            ])  # fmt: skip
+            await conn.execute(
+                update(_D).where(_D.c.idempotency_key == bindparam("k")).values(status=DeliveryStatus.PARKED.value,
+                                                                              updated_at=now),
+                [{"k": o.args["key"]} for o in parks],
+            )  # fmt: skip
+        if reparks := by_kind.get("repark"):
+            await conn.execute(
+                update(_P).where(_P.c.idempotency_key == bindparam("k")).values(due_at=bindparam("due"),
+                                                                              reason=bindparam("why")),
+                [{"k": o.args["key"], "due": o.args["due_at"], "why": o.args["reason"]} for o in reparks],
+            )  # fmt: skip
+        if unparks := by_kind.get("unpark"):
+            await conn.execute(delete(_P).where(_P.c.idempotency_key.in_([o.args["key"] for o in unparks])))
+        if events := by_kind.get("event"):
+            await conn.execute(self._insert_ignore(_E, "id"), [
+                {k: v for k, v in o.args.items() if k != "result"} for o in events
+            ])  # fmt: skip
+
+    async def _apply_begins(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+        rows = [
+            dict(idempotency_key=o.args["key"], event_id=o.args["event_id"], source=o.args["source"],
+                 connection=o.args["connection"], target=o.args["target"], action=o.args["action"],
+                 status=DeliveryStatus.PENDING.value, attempts=0, retry_base=0, created_at=now, updated_at=now)
+            for o in ops
+        ]  # fmt: skip
+        await conn.execute(self._insert_ignore(_D, "idempotency_key"), rows)
+        replays = [o.args["key"] for o in ops if o.args["replay"]]
+        if replays:
+            await conn.execute(
+                update(_D)
+                .where(_D.c.idempotency_key.in_(replays), _D.c.status == DeliveryStatus.FAILED.value)
+                .values(status=DeliveryStatus.PENDING.value, retry_base=_D.c.attempts, updated_at=now)
+            )
+        keys = [o.args["key"] for o in ops]
+        found = {
+            r.idempotency_key: Delivery.of(r)
+            for r in await conn.execute(select(_D).where(_D.c.idempotency_key.in_(keys)))
+        }
+        for o in ops:
+            o.args["result"] = found[o.args["key"]]
+
+    async def _apply_records(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+        keys = [o.args["key"] for o in ops]
+        current = {
+            r.idempotency_key: r for r in await conn.execute(select(_D).where(_D.c.idempotency_key.in_(keys)))
+        }
+        attempts, updates = [], []
+        for o in ops:
+            row, outcome = current[o.args["key"]], o.args["outcome"]
+            status = _STATUS.get(
+                outcome.kind, DeliveryStatus.FAILED if o.args["final"] else DeliveryStatus.PENDING
+            )
             number = row.attempts + 1
-            s.add(
-                AttemptRow(
-                    delivery_id=row.id,
-                    number=number,
-                    started_at=started_at,
-                    duration_ms=duration_s * 1000,
-                    outcome=outcome.kind.value,
-                    http_status=outcome.http_status,
-                    vendor_code=outcome.vendor_code,
-                    error=outcome.reason or None,
-                )
-            )
-            await s.execute(
-                update(DeliveryRow)
-                .where(DeliveryRow.id == row.id)
-                .values(
-                    attempts=number,
-                    status=status.value,
-                    updated_at=now,
-                    delivered_at=now if status is DeliveryStatus.DELIVERED else None,
-                    http_status=outcome.http_status,
-                    vendor_code=outcome.vendor_code,
-                    error=outcome.reason or None,
-                    target_ref=outcome.target_ref or row.target_ref,
-                )
-            )
-            await s.flush()
-            row = (await s.execute(select(DeliveryRow).where(DeliveryRow.id == row.id))).scalar_one()
-            await s.refresh(row)
-            return Delivery.of(row)
+            attempts.append(dict(
+                delivery_id=row.id, number=number, started_at=o.args["started_at"],
+                duration_ms=o.args["duration_s"] * 1000, outcome=outcome.kind.value,
+                http_status=outcome.http_status, vendor_code=outcome.vendor_code, error=outcome.reason or None,
+            ))  # fmt: skip
+            values = dict(
+                k=row.idempotency_key, attempts=number, status=status.value, updated_at=now,
+                delivered_at=now if status is DeliveryStatus.DELIVERED else None,
+                http_status=outcome.http_status, vendor_code=outcome.vendor_code, error=outcome.reason or None,
+                target_ref=outcome.target_ref or row.target_ref, next_attempt_at=o.args["next_attempt_at"],
+            )  # fmt: skip
+            updates.append(values)
+            o.args["result"] = Delivery.of(_RowView({**row._asdict(), **values}))
+        await conn.execute(insert(_A), attempts)
+        await conn.execute(
+            update(_D).where(_D.c.idempotency_key == bindparam("k")).values(
+                attempts=bindparam("attempts"), status=bindparam("status"), updated_at=bindparam("updated_at"),
+                delivered_at=bindparam("delivered_at"), http_status=bindparam("http_status"),
+                vendor_code=bindparam("vendor_code"), error=bindparam("error"), target_ref=bindparam("target_ref"),
+                next_attempt_at=bindparam("next_attempt_at"),
+            ),
+            updates,
+        )  # fmt: skip
+
+    # -- reads ---------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> Delivery | None:
-        async with self._sessions() as s:
-            row = (
-                await s.execute(select(DeliveryRow).where(DeliveryRow.idempotency_key == key))
-            ).scalar_one_or_none()
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(_D).where(_D.c.idempotency_key == key))).first()
             return Delivery.of(row) if row else None
 
     async def for_event(self, event_id: str) -> list[Delivery]:
-        async with self._sessions() as s:
-            rows = (await s.execute(select(DeliveryRow).where(DeliveryRow.event_id == event_id))).scalars()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(_D).where(_D.c.event_id == event_id).order_by(_D.c.id))
             return [Delivery.of(r) for r in rows]
 
-    async def attempts(self, key: str) -> list[AttemptRow]:
-        async with self._sessions() as s:
+    async def attempts(self, key: str) -> list[Any]:
+        async with self.engine.connect() as conn:
             q = (
-                select(AttemptRow)
-                .join(DeliveryRow, DeliveryRow.id == AttemptRow.delivery_id)
-                .where(DeliveryRow.idempotency_key == key)
-                .order_by(AttemptRow.number)
+                select(_A)
+                .join(_D, _D.c.id == _A.c.delivery_id)
+                .where(_D.c.idempotency_key == key)
+                .order_by(_A.c.number)
             )
-            return list((await s.execute(q)).scalars())
+            return list(await conn.execute(q))
 
     async def recent(self, since: datetime, limit: int = 100) -> Sequence[Delivery]:
         """Deliveries updated after ``since``, oldest first (the live view of ``relay run``)."""
-        async with self._sessions() as s:
-            q = (
-                select(DeliveryRow)
-                .where(DeliveryRow.updated_at > since)
-                .order_by(DeliveryRow.updated_at)
-                .limit(limit)
-            )
-            return [Delivery.of(r) for r in (await s.execute(q)).scalars()]
+        async with self.engine.connect() as conn:
+            q = select(_D).where(_D.c.updated_at > since).order_by(_D.c.updated_at).limit(limit)
+            return [Delivery.of(r) for r in await conn.execute(q)]
+
+    async def due_lanes(
+        self, target: str, partitions: Sequence[int], now: datetime, limit: int = 1000
+    ) -> list[tuple[str, int]]:
+        """(lane, partition) of ``target`` whose first parked delivery is due, among these partitions."""
+        if not partitions:
+            return []
+        heads = (
+            select(_P.c.lane, func.min(_P.c.id).label("head"))
+            .where(_P.c.target == target, _P.c.partition.in_(list(partitions)))
+            .group_by(_P.c.lane)
+            .subquery()
+        )
+        q = (
+            select(_P.c.lane, _P.c.partition)
+            .join(heads, heads.c.head == _P.c.id)
+            .where(_P.c.due_at <= now)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [(r.lane, r.partition) for r in await conn.execute(q)]
+
+    async def parked_lanes(self, target: str, partitions: Sequence[int]) -> dict[str, int]:
+        """Every lane of ``target`` with something parked in these partitions, with its partition."""
+        if not partitions:
+            return {}
+        q = (
+            select(_P.c.lane, _P.c.partition)
+            .where(_P.c.target == target, _P.c.partition.in_(list(partitions)))
+            .distinct()
+        )
+        async with self.engine.connect() as conn:
+            return {r.lane: r.partition for r in await conn.execute(q)}
+
+    async def lane_head(self, lane: str) -> Parked | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(_P).where(_P.c.lane == lane).order_by(_P.c.id).limit(1))).first()
+        if row is None:
+            return None
+        return Parked(row.idempotency_key, row.lane, row.partition, row.due_at, row.reason, row.connection,
+                      row.action, row.kafka_key, row.event, bool(row.replay), row.id)  # fmt: skip
+
+    async def parked_count(self, target: str | None = None) -> int:
+        q = select(func.count()).select_from(_P)
+        if target:
+            q = q.where(_P.c.target == target)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
+
+    async def event(self, event_id: str) -> EventRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(_E).where(_E.c.id == event_id))).first()
+        if row is None:
+            return None
+        return EventRecord(row.id, row.source, row.event, row.received_at, row.client_id, row.kafka_key,
+                           row.inbox, row.normalized, row.quarantine_reason)  # fmt: skip
+
+    async def find_events(
+        self,
+        *,
+        phone: str | None = None,
+        client_id: str | None = None,
+        source: str | None = None,
+        limit: int = 50,
+    ) -> list[EventRecord]:
+        conds = []
+        if phone:
+            conds.append(_E.c.phone_hash == phone_hash(phone))
+        if client_id:
+            conds.append(_E.c.client_id == client_id)
+        if not conds:
+            return []
+        q = select(_E).where(or_(*conds))
+        if source:
+            q = q.where(_E.c.source == source)
+        q = q.order_by(_E.c.received_at.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return [
+                EventRecord(
+                    r.id,
+                    r.source,
+                    r.event,
+                    r.received_at,
+                    r.client_id,
+                    r.kafka_key,
+                    r.inbox,
+                    r.normalized,
+                    r.quarantine_reason,
+                )
+                for r in await conn.execute(q)
+            ]
+
+
+class _RowView:
+    """Attribute access over a dict, for Delivery.of on values computed in a batch."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)

@@ -42,3 +42,19 @@ END_TO_END = Histogram(
 )
 IN_FLIGHT = Gauge("relay_deliveries_in_flight", "Deliveries currently being attempted.", ["target"])
 DLQ = Counter("relay_dlq_total", "Events sent to the dead-letter topic.", ["target", "class"])
+PARKED = Gauge(
+    "relay_deliveries_parked",
+    "Deliveries waiting in the ledger (retry, open circuit, behind their key).",
+    ["target"],
+)
+CIRCUITS_OPEN = Gauge(
+    "relay_circuits_open", "Connections whose circuit breaker is open or half-open.", ["target"]
+)
+RATE_LIMIT_WAITS = Counter(
+    "relay_rate_limit_waits_total", "Attempts that waited for a connection's rate limit.", ["target"]
+)
+CONSUMER_LAG = Gauge(
+    "relay_consumer_lag",
+    "Records not yet committed: highwater - committed offset.",
+    ["group", "topic", "partition"],
+)

@@ -22,6 +22,8 @@ class Outcome:
     retry_after: float | None = None
     # The target's id for what we created (e.g. a Maxma card number), kept in the ledger.
     target_ref: str | None = None
+    # True for HTTP 429 and timeouts: the target is overloaded, so back off harder.
+    throttle: bool = False
 
     @classmethod
     def success(
@@ -42,8 +44,11 @@ class Outcome:
         http_status: int | None = None,
         vendor_code: str | None = None,
         retry_after: float | None = None,
+        throttle: bool = False,
     ) -> Outcome:
-        return cls(OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after)
+        return cls(
+            OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after, None, throttle=throttle
+        )
 
     @classmethod
     def permanent(

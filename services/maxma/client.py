@@ -54,7 +54,10 @@ def classify(status: int, headers: httpx.Headers, body: bytes) -> Outcome:
     # 408: the server gave up waiting for our request, a timeout like any other.
     if status in (408, 429) or status >= 500:
         return Outcome.retryable(
-            f"HTTP {status}", http_status=status, retry_after=parse_retry_after(headers.get("retry-after"))
+            f"HTTP {status}",
+            http_status=status,
+            retry_after=parse_retry_after(headers.get("retry-after")),
+            throttle=status in (408, 429),
         )
     data: Any = None
     with contextlib.suppress(ValueError):
@@ -114,7 +117,7 @@ class MaxmaClient:
                 f"{self._base}/{method}", json=body, headers=headers, timeout=self._timeout
             )
         except httpx.TimeoutException as e:
-            return Outcome.retryable(f"timeout: {type(e).__name__}")
+            return Outcome.retryable(f"timeout: {type(e).__name__}", throttle=True)
         except httpx.TransportError as e:
             return Outcome.retryable(f"connection failed: {type(e).__name__}")
         return classify(resp.status_code, resp.headers, resp.content)

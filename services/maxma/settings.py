@@ -23,5 +23,3 @@ class MaxmaConnection(BaseModel):
     base_url: str = "https://api.maxma.com"
     processing_key: SecretStr
     timeout_s: float = Field(15.0, gt=0)
-    # Attempts within one delivery before the event goes to the dead-letter topic.
-    max_attempts: int = Field(5, ge=1)

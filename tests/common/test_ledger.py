@@ -105,4 +105,4 @@ async def test_upgrade_twice_is_harmless_and_ping_works(ledger: Ledger) -> None:
     assert await ledger.ping()
     async with ledger.engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
-    assert version == "0001"
+    assert version == "0002"

@@ -15,6 +15,7 @@ from services.common.ledger import DeliveryStatus, Ledger, idempotency_key
 from services.maxma.app import create_app
 from services.sandbox.maxma import MaxmaSandbox
 from tests.support import (
+    FAST_DELIVERY,
     MAXMA_KEY,
     SOURCE_TOKEN,
     eventually,
@@ -51,7 +52,9 @@ async def service(
     kafka: KafkaSettings, tmp_path: Path, env: None
 ) -> AsyncIterator[tuple[MaxmaSandbox, Ledger]]:
     async with maxma_target(tmp_path) as target:
-        settings = load_settings(target.config, kafka=kafka.model_dump(), database_url=target.db_url)
+        settings = load_settings(
+            target.config, kafka=kafka.model_dump(), database_url=target.db_url, delivery=FAST_DELIVERY
+        )
         async with serve_app(create_app(settings)):
             yield target.sandbox, target.ledger
 
