@@ -12,13 +12,14 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 import uvicorn
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from services.common.config import ConfigError, Settings, load_settings
 from services.common.events import EventName
@@ -76,11 +77,17 @@ def ingest_api(host: HostOpt = "0.0.0.0", port: PortOpt = 8080) -> None:  # noqa
 
 
 @ingest_app.command("normalizer")
-def ingest_normalizer(host: HostOpt = "0.0.0.0", port: PortOpt = 8081) -> None:  # noqa: S104
+def ingest_normalizer(
+    host: HostOpt = "0.0.0.0",  # noqa: S104
+    port: PortOpt = 8081,
+    migrate: Annotated[
+        bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")
+    ] = False,
+) -> None:
     """Turn inbox records into typed events on klientiks.events.v1."""
     from services.ingest.normalizer import create_normalizer
 
-    _serve(create_normalizer(_settings()), host, port)
+    _serve(create_normalizer(_settings(), migrate=migrate), host, port)
 
 
 @app.command("maxma")
@@ -394,6 +401,430 @@ def demo(
             raise typer.Exit(2)
         settings = load_settings(demo_cfg)
     _send_demo(base_url, settings.sources[0].token.get_secret_value(), count)
+
+
+# ---------------------------------------------------------------------------------------------- operations
+
+if TYPE_CHECKING:
+    from services.common.ledger import Delivery, EventRecord, Ledger
+    from services.common.ops import DeadLetter, DlqFilter
+
+dlq_app = typer.Typer(help="Dead letters: deliveries given up on, and replaying them.", no_args_is_help=True)
+events_app = typer.Typer(help="The event history kept in the ledger.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(events_app, name="events")
+
+TargetsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--target", help="A target whose DLQ to read; repeat for more (default: every target)."),
+]
+SinceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Last attempt at or after: an ISO time (UTC without an offset) or an age: 30m, 1h, 2d."
+    ),
+]
+UntilOpt = Annotated[str | None, typer.Option(help="Last attempt before: an ISO time or an age, as --since.")]
+EventIdOpt = Annotated[str | None, typer.Option("--event-id", help="Only this event.")]
+ReasonOpt = Annotated[str | None, typer.Option(help="Only reasons containing this text (any case).")]
+ReadTimeoutOpt = Annotated[float, typer.Option(help="Seconds allowed to read the DLQ topics.")]
+
+
+def _utc(t: datetime) -> str:
+    return f"{t.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def _cell(value: object) -> Text:
+    # Text, not a str: rich would read "[...]" in vendor messages and masks as markup.
+    return Text("" if value is None else str(value))
+
+
+def _dlq_filter(
+    targets: list[str] | None, since: str | None, until: str | None, event_id: str | None, reason: str | None
+) -> DlqFilter:
+    from services.common.config import TARGETS
+    from services.common.ops import DlqFilter, parse_when
+
+    unknown = sorted(set(targets or ()) - set(TARGETS))
+    if unknown:
+        raise typer.BadParameter(f"unknown target {', '.join(unknown)}; use one of {', '.join(TARGETS)}")
+    times: dict[str, datetime | None] = {}
+    for name, value in (("--since", since), ("--until", until)):
+        try:
+            times[name] = parse_when(value) if value else None
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=name) from None
+    return DlqFilter(
+        targets=tuple(dict.fromkeys(targets or TARGETS)),
+        since=times["--since"],
+        until=times["--until"],
+        event_id=event_id,
+        reason=reason,
+    )
+
+
+def _read_dead_letters(settings: Settings, flt: DlqFilter, timeout: float) -> list[DeadLetter]:
+    from aiokafka.errors import KafkaError
+
+    from services.common.ops import read_dlq
+
+    try:
+        return asyncio.run(read_dlq(settings.kafka.bootstrap_servers, flt.targets, flt, timeout=timeout))
+    except (TimeoutError, KafkaError, OSError) as e:
+        err.print(
+            f"cannot read the DLQ topics from {settings.kafka.bootstrap_servers}: {e or type(e).__name__}; "
+            "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(1) from None
+
+
+def _dlq_table(dead_letters: Sequence[DeadLetter]) -> Table:
+    from services.common.ops import mask_text
+
+    table = Table(
+        "Last attempt (UTC)", "Target", "Connection", "Action", "Event id", "Class", "HTTP",
+        "Vendor code", "Attempts", "Reason",
+    )  # fmt: skip
+    for c in table.columns:
+        c.overflow = "fold"  # never cut an event id short: it is what you copy into other commands
+    for dl in dead_letters:
+        table.add_row(
+            _cell(_utc(dl.last_attempt_at)), _cell(dl.target), _cell(dl.conn_id), _cell(dl.action),
+            _cell(dl.event_id), _cell(dl.class_), _cell(dl.http_status), _cell(dl.vendor_code),
+            _cell(dl.attempts), _cell(mask_text(dl.reason)),
+        )  # fmt: skip
+    return table
+
+
+def _per_target(dead_letters: Sequence[DeadLetter]) -> str:
+    counts: dict[str, int] = {}
+    for dl in dead_letters:
+        counts[dl.target] = counts.get(dl.target, 0) + 1
+    return ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    target: TargetsOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    event_id: EventIdOpt = None,
+    reason: ReasonOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")] = 50,
+    timeout: ReadTimeoutOpt = 30.0,
+) -> None:
+    """List dead letters, newest first (reasons are shown with personal data masked)."""
+    flt = _dlq_filter(target, since, until, event_id, reason)
+    found = _read_dead_letters(_settings(), flt, timeout)
+    if not found:
+        console.print("no dead letters match")
+        return
+    newest = sorted(found, key=lambda d: d.last_attempt_at, reverse=True)[:limit]
+    console.print(_dlq_table(newest))
+    shown = f", showing the newest {len(newest)}" if len(newest) < len(found) else ""
+    console.print(f"{len(found)} dead letter(s) match ({_per_target(found)}){shown}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    target: TargetsOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    event_id: EventIdOpt = None,
+    reason: ReasonOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be replayed; publish nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    timeout: ReadTimeoutOpt = 30.0,
+) -> None:
+    """Publish matching dead letters' events again, each aimed at the one delivery that failed.
+
+    Safe to repeat: a delivery that has since succeeded is not made twice (the ledger keeps it delivered).
+    """
+    from aiokafka.errors import KafkaError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.common.kafka import EVENTS
+    from services.common.ops import replay
+
+    settings = _settings()
+    flt = _dlq_filter(target, since, until, event_id, reason)
+    found = _read_dead_letters(settings, flt, timeout)
+    if not found:
+        console.print("no dead letters match; nothing to replay")
+        return
+    console.print(f"{len(found)} dead letter(s) match ({_per_target(found)})")
+    if dry_run:
+        console.print(_dlq_table(sorted(found, key=lambda d: d.last_attempt_at)))
+        console.print(f"dry run: {len(found)} would be replayed to {EVENTS}; nothing was published")
+        return
+    if not yes:
+        typer.confirm(f"Replay {len(found)} dead letter(s) to {EVENTS}?", abort=True)
+    # Idempotence stays off: Tansu cannot do it, and a duplicate replay is harmless (the ledger dedups).
+    config = {
+        "client_id": f"{settings.kafka.client_id}-replay",
+        "request_timeout_ms": settings.kafka.request_timeout_ms,
+    }
+    done = 0
+    with Progress(
+        TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task("replay", total=len(found))
+
+        def progress_to(n: int) -> None:
+            nonlocal done
+            done = n
+            progress.update(task, completed=n)
+
+        try:
+            count = asyncio.run(
+                replay(
+                    settings.kafka.bootstrap_servers, found, on_progress=progress_to, producer_config=config
+                )
+            )
+        except (TimeoutError, KafkaError, OSError) as e:
+            progress.stop()
+            err.print(
+                f"replay stopped after {done} of {len(found)}: {e or type(e).__name__}; "
+                "running the same command again is safe (delivered events are not delivered twice)",
+                style="red",
+                markup=False,
+            )
+            raise typer.Exit(1) from None
+    console.print(
+        f"replayed {count} dead letter(s) to {EVENTS} ({_per_target(found)}); the delivery services retry "
+        "them now. The dead letters stay in their DLQ topics: narrow a later replay with --since."
+    )
+
+
+def _ledger_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the ledger, without creating an empty SQLite file as a side effect."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return "not a database URL"
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).exists():
+        return "the SQLite file does not exist"
+    return None
+
+
+def _open_ledger(settings: Settings) -> Ledger:
+    from services.common.ledger import Ledger
+    from services.common.logging import redact_url
+
+    problem = _ledger_url_problem(settings.database_url)
+    if problem:
+        err.print(
+            f"cannot open the ledger {redact_url(settings.database_url)}: {problem}; "
+            "fix: set RELAY_DATABASE_URL to the services' database",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(2)
+    return Ledger.from_url(settings.database_url)
+
+
+def _ledger_failed(settings: Settings, e: Exception) -> typer.Exit:
+    from services.common.logging import redact_url
+    from services.common.ops import mask_text
+
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    err.print(
+        f"cannot read the ledger {redact_url(settings.database_url)}: {mask_text(first)}; "
+        "fix: check RELAY_DATABASE_URL and run `relay db upgrade`",
+        style="red",
+        markup=False,
+    )
+    return typer.Exit(2)
+
+
+async def _load_event(
+    settings: Settings, event_id: str
+) -> tuple[EventRecord, list[Delivery], dict[str, list[Any]]] | None:
+    ledger = _open_ledger(settings)
+    try:
+        record = await ledger.event(event_id)
+        if record is None:
+            return None
+        deliveries = await ledger.for_event(event_id)
+        attempts = {d.idempotency_key: await ledger.attempts(d.idempotency_key) for d in deliveries}
+        return record, deliveries, attempts
+    finally:
+        await ledger.close()
+
+
+@events_app.command("show")
+def events_show(
+    event_id: Annotated[str, typer.Argument(help="The event id (the ingest API's answer, or ce_id).")],
+) -> None:
+    """What arrived, what it was normalized to, and every delivery attempt (personal data masked)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    settings = _settings()
+    try:
+        found = asyncio.run(_load_event(settings, event_id))
+    except (SQLAlchemyError, OSError) as e:
+        raise _ledger_failed(settings, e) from None
+    if found is None:
+        err.print(f"no event {event_id!r} in the ledger", style="red", markup=False)
+        raise typer.Exit(1)
+    record, deliveries, attempts = found
+    _print_event_header(record)
+    _print_arrived(record)
+    _print_normalized(record)
+    _print_deliveries(deliveries, attempts)
+
+
+def _print_event_header(record: EventRecord) -> None:
+    table = Table(show_header=False, box=None, title=Text(f"Event {record.id}", style="bold"))
+    status = f"quarantined: {record.quarantine_reason}" if record.quarantine_reason else "normalized"
+    if not record.quarantine_reason and record.normalized is None:
+        status = "not normalized"
+    for name, value in (
+        ("Source", record.source),
+        ("Webhook", record.event),
+        ("Received (UTC)", _utc(record.received_at)),
+        ("Kafka key", record.kafka_key),
+        ("Status", status),
+    ):
+        table.add_row(_cell(name), _cell(value))
+    console.print(table)
+
+
+def _print_arrived(record: EventRecord) -> None:
+    from urllib.parse import parse_qsl
+
+    from pydantic import ValidationError
+
+    from services.common.ops import mask_pairs, mask_text
+    from services.ingest.inbox import InboxRecord
+    from services.ingest.parsing import ParamsError, request_params
+
+    console.print(Text("\nWhat arrived", style="bold"))
+    try:
+        inbox = InboxRecord.from_bytes(record.inbox.encode())
+    except ValidationError:
+        console.print(Text(f"an unreadable inbox record: {mask_text(record.inbox)}"))
+        return
+    console.print(
+        Text(f"{inbox.method} at {_utc(inbox.received_at)} UTC, content type {inbox.content_type or 'none'}")
+    )
+    try:
+        pairs = request_params(inbox.query, inbox.content_type, inbox.body_bytes())
+    except ParamsError as e:
+        pairs = parse_qsl(inbox.query, keep_blank_values=True)
+        console.print(Text(f"the body could not be read ({e}): {mask_text(inbox.body or '<binary>')}"))
+    table = Table("Parameter", "Value")
+    table.columns[1].overflow = "fold"
+    for name, value in mask_pairs(pairs):
+        table.add_row(_cell(name), _cell(value))
+    console.print(table)
+
+
+def _print_normalized(record: EventRecord) -> None:
+    import json
+
+    from services.common.ops import mask_data, mask_text
+
+    console.print(Text("\nHow it was normalized", style="bold"))
+    if record.normalized is None:
+        console.print(Text(f"quarantined: {record.quarantine_reason or 'no reason recorded'}"))
+        return
+    try:
+        data = json.loads(record.normalized)
+    except ValueError:
+        console.print(Text(mask_text(record.normalized)))
+        return
+    console.print_json(data=mask_data(data), ensure_ascii=False)
+
+
+def _print_deliveries(deliveries: Sequence[Delivery], attempts: dict[str, list[Any]]) -> None:
+    from services.common.ops import mask_text
+
+    console.print(Text("\nDeliveries", style="bold"))
+    if not deliveries:
+        console.print("none recorded: no connection takes this event, or no delivery service has seen it yet")
+        return
+    summary = Table("Target", "Connection", "Action", "Status", "Attempts", "Updated (UTC)", "Target ref")
+    for d in sorted(deliveries, key=lambda d: (d.target, d.id)):
+        summary.add_row(
+            _cell(d.target), _cell(f"{d.source}/{d.connection}"), _cell(d.action), _cell(d.status.value),
+            _cell(d.attempts), _cell(_utc(d.updated_at)), _cell(d.target_ref),
+        )  # fmt: skip
+    console.print(summary)
+    for d in sorted(deliveries, key=lambda d: (d.target, d.id)):
+        table = Table(
+            "#", "Started (UTC)", "Duration ms", "Outcome", "HTTP", "Vendor code", "Error",
+            title=Text(f"{d.target} {d.source}/{d.connection} {d.action}: {d.status.value}"),
+        )  # fmt: skip
+        table.columns[-1].overflow = "fold"
+        for a in attempts.get(d.idempotency_key, []):
+            table.add_row(
+                _cell(a.number), _cell(_utc(a.started_at)), _cell(f"{a.duration_ms:.1f}"), _cell(a.outcome),
+                _cell(a.http_status), _cell(a.vendor_code), _cell(mask_text(a.error) if a.error else None),
+            )  # fmt: skip
+        console.print(table)
+
+
+async def _find_events(
+    settings: Settings, phone: str | None, client_id: str | None, source: str | None, limit: int
+) -> list[tuple[EventRecord, list[Delivery]]]:
+    ledger = _open_ledger(settings)
+    try:
+        records = await ledger.find_events(phone=phone, client_id=client_id, source=source, limit=limit)
+        return [(r, await ledger.for_event(r.id)) for r in records]
+    finally:
+        await ledger.close()
+
+
+@events_app.command("find")
+def events_find(
+    phone: Annotated[str | None, typer.Option(help="The client's phone in any spelling.")] = None,
+    client_id: Annotated[str | None, typer.Option("--client-id", help="The Klientiks client id.")] = None,
+    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
+    region: Annotated[str, typer.Option(help="Phone region for numbers without a country code.")] = "RU",
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
+) -> None:
+    """Find events by the client's phone or id, newest first."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from services.common.logging import mask_phone
+    from services.ingest.parsing import normalize_phone
+
+    if not phone and not client_id:
+        raise typer.BadParameter("give --phone or --client-id")
+    e164 = None
+    if phone:
+        e164 = normalize_phone(phone, region.upper())
+        if e164 is None:
+            raise typer.BadParameter(
+                f"{mask_phone(phone)} is not a valid phone number of region {region.upper()}",
+                param_hint="--phone",
+            )
+    settings = _settings()
+    try:
+        found = asyncio.run(_find_events(settings, e164, client_id, source, limit))
+    except (SQLAlchemyError, OSError) as e:
+        raise _ledger_failed(settings, e) from None
+    if not found:
+        console.print("no events found")
+        return
+    table = Table("Received (UTC)", "Event id", "Source", "Webhook", "Client id", "Deliveries")
+    table.columns[1].overflow = "fold"
+    for r, deliveries in found:
+        statuses = ", ".join(f"{d.target}/{d.action} {d.status.value}" for d in deliveries) or "none"
+        table.add_row(
+            _cell(_utc(r.received_at)), _cell(r.id), _cell(r.source), _cell(r.event), _cell(r.client_id),
+            _cell(statuses),
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found)} event(s); `relay events show ID` shows one in full")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.common.events import CloudEvent, kafka_key
+from services.common.events import Client, CloudEvent, EventData, EventName, kafka_key, source_uri
 from services.common.kafka import EVENTS
 from services.common.ledger import Ledger, upgrade
 from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
@@ -76,7 +77,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(path: Path, *, maxma_url: str, extra_connection: str = "") -> Path:
+def write_config(path: Path, *, maxma_url: str, extra_connection: str = "", **options: object) -> Path:
     path.write_text(
         "sources:\n"
         "  - name: salon\n"
@@ -87,7 +88,8 @@ def write_config(path: Path, *, maxma_url: str, extra_connection: str = "") -> P
         "      - target: maxma\n"
         f"        base_url: {maxma_url}\n"
         "        processing_key: ${RELAY_TEST_MAXMA_KEY}\n"
-        "        events:\n"
+        + "".join(f"        {k}: {v}\n" for k, v in options.items())
+        + "        events:\n"
         "          client-created: new-client\n" + extra_connection
     )
     return path
@@ -104,16 +106,32 @@ class Target:
 
 
 @contextlib.asynccontextmanager
-async def maxma_target(tmp_path: Path) -> AsyncIterator[Target]:
+async def maxma_target(tmp_path: Path, **connection: object) -> AsyncIterator[Target]:
     sandbox = MaxmaSandbox()
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     ledger = Ledger.from_url(db_url)
     await upgrade(ledger.engine)
     try:
         async with serve_app(create_maxma_app(processing_keys={MAXMA_KEY}, state=sandbox)) as maxma_url:
-            yield Target(sandbox, ledger, db_url, write_config(tmp_path / "relay.yaml", maxma_url=maxma_url))
+            config = write_config(tmp_path / "relay.yaml", maxma_url=maxma_url, **connection)
+            yield Target(sandbox, ledger, db_url, config)
     finally:
         await ledger.close()
+
+
+def client_event(event_id: str, client_id: str, phone: str | None, name: str = "Попова Дарья") -> CloudEvent:
+    """A client-created event of source `salon`, as the normalizer makes it."""
+    now = datetime.now(UTC)
+    return CloudEvent(
+        id=event_id, source=source_uri("salon"), type=EventName.CLIENT_CREATED.ce_type, time=now,
+        relayreceivedat=now, subject=f"client/{client_id}",
+        data=EventData(client=Client(id=client_id, full_name=name, phone=phone)),
+    )  # fmt: skip
+
+
+def event_id_of(request: Any) -> str:
+    """The event id a sandbox request was made for (the end of its Idempotency-Key)."""
+    return str(request.headers["idempotency-key"]).rsplit(":", 1)[-1]
 
 
 async def publish_events(bootstrap: str, *events: CloudEvent) -> None:

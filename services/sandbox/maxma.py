@@ -314,6 +314,9 @@ class FaultSpec(BaseModel):
     description: str | None = None  # error_code: overrides the standard description
     seconds: float | None = Field(default=None, gt=0)  # delay
     path: str | None = None  # only requests to this Maxma path, e.g. "/new-client"
+    # Only requests whose JSON body has these values, at the top level or inside "client",
+    # e.g. {"externalId": "42"}: a fault aimed at one client.
+    match: dict[str, str] | None = None
     times: int | None = Field(default=None, ge=1)
     probability: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None  # seeds the probability draws
@@ -344,6 +347,13 @@ class FaultSpec(BaseModel):
         if self.seed is not None and self.probability is None:
             raise ValueError("seed only makes sense with probability")
         return self
+
+
+def _matches(body: Any, want: Mapping[str, str]) -> bool:
+    if not isinstance(body, dict):
+        return False
+    client = body.get("client") if isinstance(body.get("client"), dict) else {}
+    return all(str(body.get(k, client.get(k))) == v for k, v in want.items())
 
 
 @dataclass
@@ -692,12 +702,14 @@ class MaxmaSandbox:
         rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
         self._notify()
 
-    def _take_fault(self, path: str) -> ActiveFault | None:
+    def _take_fault(self, path: str, body: Any = None) -> ActiveFault | None:
         """Pick the first fault that fires for this request and consume one of its ``times``."""
         with self._lock:
             for fault in self.faults:
                 spec = fault.spec
                 if spec.path is not None and spec.path != path:
+                    continue
+                if spec.match is not None and not _matches(body, spec.match):
                     continue
                 if spec.probability is not None and fault.rng.random() >= spec.probability:
                     continue
@@ -1059,7 +1071,7 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
             }
         )
         # Picked on arrival, before any sleep, so "the next N requests" means arrival order.
-        fault = sandbox._take_fault(path)
+        fault = sandbox._take_fault(path, body)
         if fault is not None:
             rec.fault = {"id": fault.id, "mode": fault.spec.mode}
         try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
 from services.common.config import KafkaSettings, Settings
 from services.common.events import CloudEvent, header
 from services.common.kafka import EVENTS, INBOX, QUARANTINE
+from services.common.ledger import Ledger
 from services.ingest.inbox import InboxRecord
 from services.ingest.normalizer import create_normalizer
 from tests.support import read_all, serve_app
@@ -22,9 +24,12 @@ def _record(event_id: str, query: str, source: str = "salon", event: str = "clie
     )
 
 
-async def test_records_become_events_and_bad_ones_are_quarantined(kafka: KafkaSettings) -> None:
+async def test_records_become_events_and_bad_ones_are_quarantined(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     settings = Settings.model_validate(
-        {"kafka": kafka.model_dump(), "sources": [{"name": "salon", "token": TOKEN}]}
+        {"kafka": kafka.model_dump(), "database_url": db_url, "sources": [{"name": "salon", "token": TOKEN}]}
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
     await producer.start()
@@ -39,7 +44,7 @@ async def test_records_become_events_and_bad_ones_are_quarantined(kafka: KafkaSe
     finally:
         await producer.stop()
 
-    async with serve_app(create_normalizer(settings)):
+    async with serve_app(create_normalizer(settings, migrate=True)):
         events = await read_all(kafka.bootstrap_servers, EVENTS, expect=1, timeout=20)
         quarantined = await read_all(kafka.bootstrap_servers, QUARANTINE, expect=3, timeout=20)
 
@@ -59,3 +64,21 @@ async def test_records_become_events_and_bad_ones_are_quarantined(kafka: KafkaSe
     assert reasons == ["bad_record", "no_id", "unknown_source"]
     # Quarantine keeps the raw record byte for byte, so it can be replayed after a fix.
     assert b"\x00 not a record" in [r.value for r in quarantined]
+
+    # The history keeps what arrived and what it became, findable by id, client id and phone.
+    ledger = Ledger.from_url(db_url)
+    try:
+        kept = await ledger.event("e-good")
+        assert kept is not None
+        assert kept.kafka_key == "salon:42"
+        assert InboxRecord.from_bytes(kept.inbox.encode()) == good
+        assert kept.normalized is not None
+        assert CloudEvent.model_validate_json(kept.normalized) == event
+        assert [e.id for e in await ledger.find_events(phone="+79161234567")] == ["e-good"]
+        assert [e.id for e in await ledger.find_events(client_id="42")] == ["e-good"]
+        noid = await ledger.event("e-noid")
+        assert noid is not None
+        assert noid.quarantine_reason == "no_id"
+        assert noid.normalized is None
+    finally:
+        await ledger.close()

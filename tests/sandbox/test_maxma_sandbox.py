@@ -519,3 +519,27 @@ async def test_requests_filter_by_path(env: Env) -> None:
     await env.call("get-balance", {"phoneNumber": PHONE})
     recs = (await env.http.get("/_sandbox/requests", params={"path": "/get-balance"})).json()
     assert [r["path"] for r in recs] == ["/get-balance"]
+
+
+async def test_a_fault_can_aim_at_one_client(app_server: Any) -> None:
+    sandbox = MaxmaSandbox()
+    async with app_server(create_maxma_app(state=sandbox)) as url, httpx.AsyncClient(base_url=url) as http:
+        sandbox.add_fault({"mode": "http_status", "status": 503, "times": 1, "match": {"externalId": "B"}})
+        headers = {"X-Processing-Key": "k"}
+        a = await http.post(
+            "/new-client",
+            json={"client": {"phoneNumber": "+79161111111", "externalId": "A"}},
+            headers=headers,
+        )
+        b = await http.post(
+            "/new-client",
+            json={"client": {"phoneNumber": "+79162222222", "externalId": "B"}},
+            headers=headers,
+        )
+        b2 = await http.post(
+            "/new-client",
+            json={"client": {"phoneNumber": "+79162222222", "externalId": "B"}},
+            headers=headers,
+        )
+    assert (a.status_code, b.status_code, b2.status_code) == (200, 503, 200)
+    assert sorted(c.external_id for c in sandbox.clients.values()) == ["A", "B"]

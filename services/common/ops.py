@@ -1,0 +1,328 @@
+"""Operator tooling shared by ``relay dlq`` and ``relay events``: dead letters, replay, masking for display.
+
+Pure functions parse and filter; the two async functions are thin Kafka I/O. Nothing here commits offsets
+or joins a consumer group, so looking at a dead-letter topic never changes what a service will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from services.common.delivery.runtime import REPLAY_ACTION, REPLAY_CONNECTION, REPLAY_TARGET
+from services.common.dlq import PREFIX
+from services.common.events import header
+from services.common.kafka import EVENTS, dlq_topic
+from services.common.logging import mask_processor
+
+__all__ = [
+    "REPLAY_HEADERS",
+    "DeadLetter",
+    "DlqFilter",
+    "mask_data",
+    "mask_pairs",
+    "mask_text",
+    "parse_when",
+    "read_dlq",
+    "replay",
+    "replay_headers",
+]
+
+REPLAY_HEADERS = (REPLAY_TARGET, REPLAY_CONNECTION, REPLAY_ACTION)
+# Polls with nothing new before a partition whose highwater we know counts as read to its end. Tansu's
+# offsets can run past the last record after multi-record batches, so `position >= highwater` alone
+# could wait forever.
+_IDLE_POLLS = 3
+_POLL_MS = 100
+# Sends in flight at once while replaying; aiokafka keeps them in order per partition.
+_REPLAY_WINDOW = 500
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return _aware(datetime.fromisoformat(text))
+    except ValueError:
+        return None
+
+
+def _parse_int(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One record of ``relay.<target>.dlq``: the original event plus why it was given up."""
+
+    target: str
+    connection: str  # the connection name, as configured
+    conn_id: str  # "{source}/{connection}", what the runtime matches a replay against
+    action: str
+    event_id: str
+    source: str
+    reason: str
+    class_: str
+    http_status: int | None
+    vendor_code: str | None
+    attempts: int
+    first_attempt_at: datetime
+    last_attempt_at: datetime
+    idempotency_key: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    topic: str
+    partition: int
+    offset: int
+    timestamp: datetime
+
+    @classmethod
+    def from_record(cls, rec: Any) -> DeadLetter:
+        """Parse an aiokafka ``ConsumerRecord``; missing headers become empty values, never an error.
+
+        A malformed dead letter still has to be listed: it is the only trace of a failed delivery.
+        """
+        headers = tuple((k, bytes(v or b"")) for k, v in (rec.headers or ()))
+
+        def h(name: str) -> str | None:
+            return header(headers, PREFIX + name)
+
+        timestamp = datetime.fromtimestamp(rec.timestamp / 1000, UTC)
+        source = (header(headers, "ce_source") or "").rsplit("/", 1)[-1]
+        connection = h("connection") or ""
+        target = h("target") or rec.topic.removeprefix("relay.").removesuffix(".dlq")
+        last = _parse_time(h("last-attempt-at")) or timestamp
+        return cls(
+            target=target,
+            connection=connection,
+            conn_id=f"{source}/{connection}",
+            action=h("action") or "",
+            event_id=header(headers, "ce_id") or "",
+            source=source,
+            reason=h("reason") or "",
+            class_=h("class") or "",
+            http_status=_parse_int(h("http-status")),
+            vendor_code=h("vendor-code"),
+            attempts=_parse_int(h("attempts")) or 0,
+            first_attempt_at=_parse_time(h("first-attempt-at")) or last,
+            last_attempt_at=last,
+            idempotency_key=h("idempotency-key") or "",
+            key=rec.key,
+            value=bytes(rec.value or b""),
+            headers=headers,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            timestamp=timestamp,
+        )
+
+
+@dataclass(frozen=True)
+class DlqFilter:
+    """Which dead letters an operator means; an unset field matches everything.
+
+    ``since`` is inclusive and ``until`` exclusive, both on the last attempt.
+    """
+
+    targets: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    event_id: str | None = None
+    reason: str | None = None
+
+    def matches(self, dl: DeadLetter) -> bool:
+        if self.targets and dl.target not in self.targets:
+            return False
+        if self.since is not None and dl.last_attempt_at < _aware(self.since):
+            return False
+        if self.until is not None and dl.last_attempt_at >= _aware(self.until):
+            return False
+        if self.event_id and dl.event_id != self.event_id:
+            return False
+        return not (self.reason and self.reason.casefold() not in dl.reason.casefold())
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(text: str, now: datetime | None = None) -> datetime:
+    """``30m``, ``1h``, ``2d`` ago, or an ISO 8601 time (UTC when it has no offset); raise ValueError."""
+    m = _DURATION.match(text)
+    if m:
+        ago = timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
+        return (now or datetime.now(UTC)) - ago
+    try:
+        return _aware(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30m, 1h, 2d) nor an ISO time (2024-03-14T09:00:00+03:00)"
+        ) from None
+
+
+def replay_headers(dl: DeadLetter) -> list[tuple[str, bytes]]:
+    """The original event's headers plus the three that aim the replay at one delivery only."""
+    kept = [(k, v) for k, v in dl.headers if not k.startswith(PREFIX) and k not in REPLAY_HEADERS]
+    return [
+        *kept,
+        (REPLAY_TARGET, dl.target.encode()),
+        (REPLAY_CONNECTION, dl.conn_id.encode()),
+        (REPLAY_ACTION, dl.action.encode()),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- Kafka I/O
+
+
+async def read_dlq(
+    bootstrap: str,
+    targets: Iterable[str],
+    flt: DlqFilter | None = None,
+    *,
+    # A parameter, not the caller's asyncio.timeout(): it also sizes the consumer's request timeout.
+    timeout: float = 15.0,  # noqa: ASYNC109
+) -> list[DeadLetter]:
+    """Every matching dead letter of the targets' DLQ topics, from the start to their end as of now.
+
+    No consumer group and no commits. A topic that does not exist yet has no dead letters. Raise
+    TimeoutError when the topics cannot be read to their end within ``timeout`` seconds.
+    """
+    flt = flt or DlqFilter()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+        request_timeout_ms=max(1000, int(timeout * 1000)),
+    )
+    found: list[DeadLetter] = []
+    async with asyncio.timeout(timeout):
+        await consumer.start()
+        try:
+            existing = await consumer.topics()
+            tps = [
+                TopicPartition(topic, p)
+                for topic in dict.fromkeys(dlq_topic(t) for t in targets)
+                if topic in existing
+                for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            if not tps:
+                return []
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            found = await _read_to_end(consumer, tps, flt)
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+    return found
+
+
+async def _read_to_end(
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], flt: DlqFilter
+) -> list[DeadLetter]:
+    # The end of each partition is its first known highwater: records that arrive later are not ours.
+    ends: dict[TopicPartition, int] = {}
+    idle: dict[TopicPartition, int] = dict.fromkeys(tps, 0)
+    pending = set(tps)
+    found: list[DeadLetter] = []
+    while pending:
+        batch = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+        for tp in list(pending):
+            records = batch.get(tp, [])
+            if tp not in ends and (hw := consumer.highwater(tp)) is not None:
+                ends[tp] = hw
+            for rec in records:
+                if tp in ends and rec.offset >= ends[tp]:
+                    continue
+                dl = DeadLetter.from_record(rec)
+                if flt.matches(dl):
+                    found.append(dl)
+            idle[tp] = 0 if records else idle[tp] + 1
+            if tp in ends and (await consumer.position(tp) >= ends[tp] or idle[tp] >= _IDLE_POLLS):
+                pending.discard(tp)
+                consumer.pause(tp)
+    order = {tp: i for i, tp in enumerate(tps)}
+    found.sort(key=lambda d: (order[TopicPartition(d.topic, d.partition)], d.offset))
+    return found
+
+
+async def replay(
+    bootstrap: str,
+    dead_letters: Sequence[DeadLetter],
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    producer_config: Mapping[str, Any] | None = None,
+) -> int:
+    """Publish each dead letter's event to klientiks.events.v1 under its original key; return the count.
+
+    ``on_progress`` gets the number acknowledged so far. Replays are in DLQ order, so one client's
+    events keep their order. ``producer_config`` adds aiokafka options (client_id, timeouts); acks is
+    always "all".
+    """
+    producer = AIOKafkaProducer(**{**(producer_config or {}), "bootstrap_servers": bootstrap, "acks": "all"})
+    await producer.start()
+    done = 0
+    try:
+        window: list[asyncio.Future[Any]] = []
+        for dl in dead_letters:
+            window.append(await producer.send(EVENTS, dl.value, key=dl.key, headers=replay_headers(dl)))
+            if len(window) >= _REPLAY_WINDOW:
+                done = await _settle(window, done, on_progress)
+        done = await _settle(window, done, on_progress)
+    finally:
+        await producer.stop()
+    return done
+
+
+async def _settle(
+    window: list[asyncio.Future[Any]], done: int, on_progress: Callable[[int], None] | None
+) -> int:
+    last_report = 0.0
+    for fut in window:
+        await fut
+        done += 1
+        # A callback per record would redraw a progress bar thousands of times a second.
+        if on_progress is not None and (time.monotonic() - last_report > 0.05 or fut is window[-1]):
+            on_progress(done)
+            last_report = time.monotonic()
+    window.clear()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- masking
+
+
+def mask_text(text: str) -> str:
+    """Free text (a vendor's error description) with phones, e-mails and credentials masked."""
+    return str(mask_processor(None, "ops", {"text": text})["text"])
+
+
+def mask_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Request parameters masked by name (``client_phone``, ``client_name``, ...) and by content."""
+    masked = mask_processor(None, "ops", {"params": [(k, v) for k, v in pairs]})["params"]
+    return [(str(k), str(v)) for k, v in masked]
+
+
+def mask_data(data: Any) -> Any:
+    """A JSON-like structure with personal values masked by key (phone, email, names) and by content."""
+    return mask_processor(None, "ops", {"data": data})["data"]
