@@ -352,7 +352,8 @@ class FaultSpec(BaseModel):
 def _matches(body: Any, want: Mapping[str, str]) -> bool:
     if not isinstance(body, dict):
         return False
-    client = body.get("client") if isinstance(body.get("client"), dict) else {}
+    inner = body.get("client")
+    client: dict[str, Any] = inner if isinstance(inner, dict) else {}
     return all(str(body.get(k, client.get(k))) == v for k, v in want.items())
 
 
