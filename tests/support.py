@@ -134,15 +134,15 @@ def event_id_of(request: Any) -> str:
     return str(request.headers["idempotency-key"]).rsplit(":", 1)[-1]
 
 
-async def publish_events(bootstrap: str, *events: CloudEvent) -> None:
+async def publish_events(bootstrap: str, *events: CloudEvent, key: str | None = None) -> None:
     """Publish events to klientiks.events.v1 as the normalizer does (binary mode, per-client key)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
         for e in events:
             client, appt = e.data.client, e.data.appointment
-            key = kafka_key(e.source_name, client.id if client else None, appt.id if appt else None)
-            await producer.send_and_wait(EVENTS, e.kafka_value(), key=key.encode(), headers=e.kafka_headers())
+            k = key or kafka_key(e.source_name, client.id if client else None, appt.id if appt else None)
+            await producer.send_and_wait(EVENTS, e.kafka_value(), key=k.encode(), headers=e.kafka_headers())
     finally:
         await producer.stop()
 
@@ -235,6 +235,11 @@ class Roles:
                 proc.kill()
                 proc.wait()
         return int(proc.returncode)
+
+    async def terminate(self, name: str, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        """Signal a role and wait for it without blocking this event loop (it may serve the sandbox)."""
+        self.procs[name].send_signal(sig)
+        return await self.wait_exit(name, timeout)
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -1,0 +1,110 @@
+"""The maxma process stopped gracefully or killed at random moments, under load: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from pathlib import Path
+
+from services.common.embedded import EmbeddedBroker
+from services.common.kafka import EVENTS
+from tests.support import (
+    Roles,
+    client_event,
+    committed,
+    event_id_of,
+    eventually,
+    maxma_target,
+    publish_events,
+    role_env,
+)
+
+
+async def test_sigterm_under_load_loses_nothing_and_sends_nothing_twice(
+    broker: EmbeddedBroker, kafka: object, tmp_path: Path
+) -> None:
+    async with maxma_target(tmp_path) as t:
+        t.sandbox.set_latency(50)
+        roles = Roles(role_env(t.config, broker.bootstrap_servers, t.db_url), tmp_path)
+        try:
+            roles.start("maxma", "maxma")
+            await roles.ready("maxma")
+            await publish_events(
+                broker.bootstrap_servers,
+                *[client_event(f"e{i}", f"S{i}", f"+7916{i:07d}") for i in range(600)],
+            )
+            await eventually(lambda: len(t.sandbox.requests) >= 100, what="deliveries under way")
+            # uvicorn re-raises the signal after a clean shutdown: -15 is a graceful exit.
+            assert await roles.terminate("maxma") in (0, -signal.SIGTERM), roles.log("maxma")[-3000:]
+            assert "delivery runtime stopped" in roles.log("maxma")
+            stopped_at = len(t.sandbox.requests)
+            assert stopped_at < 600, "the load was over before SIGTERM: the test proves nothing"
+
+            roles.start("maxma", "maxma")
+            await roles.ready("maxma")
+            await eventually(lambda: len(t.sandbox.clients) == 600, timeout=60, what="every client")
+            await eventually(
+                lambda: _all_committed(broker.bootstrap_servers, 600), what="every offset committed"
+            )
+            ids = [event_id_of(r) for r in t.sandbox.requests]
+            assert len(ids) == 600
+            assert len(set(ids)) == 600
+        finally:
+            roles.stop_all()
+
+
+async def _all_committed(bootstrap: str, n: int) -> bool:
+    return sum((await committed(bootstrap, "relay-maxma", EVENTS)).values()) == n
+
+
+async def test_killed_at_random_moments_every_effect_once_and_in_order(
+    broker: EmbeddedBroker, kafka: object, tmp_path: Path
+) -> None:
+    keys, per_key = 30, 8
+    rnd = random.Random(20261121)
+    async with maxma_target(tmp_path) as t:
+        t.sandbox.set_latency(20)
+        t.sandbox.add_fault({"mode": "http_status", "status": 503, "probability": 0.2, "seed": 7})
+        env = role_env(t.config, broker.bootstrap_servers, t.db_url)
+        # Enough retries that a 20% fault rate never exhausts them (0.2^7).
+        env["RELAY_DELIVERY__RETRY_SCHEDULE"] = "0,0.1s,0.1s,0.1s,0.1s,0.1s"
+        roles = Roles(env, tmp_path)
+        try:
+            for k in range(keys):
+                # One Kafka key per salon client; each event its own Maxma client, so every effect is countable.
+                await publish_events(
+                    broker.bootstrap_servers,
+                    *[client_event(f"k{k}-{j}", f"K{k}-{j}", f"+7925{k:03d}{j:04d}") for j in range(per_key)],
+                    key=f"salon:K{k}",
+                )
+            kills = 0
+            roles.start("maxma", "maxma")
+            await roles.ready("maxma")
+            while kills < 4 and len(t.sandbox.clients) < keys * per_key:
+                await asyncio.sleep(rnd.uniform(0.2, 1.5))
+                await roles.terminate("maxma", signal.SIGKILL)
+                kills += 1
+                roles.start("maxma", "maxma")
+                await roles.ready("maxma")
+            assert kills >= 2, "the work was over before the process could be killed twice"
+            await eventually(
+                lambda: len(t.sandbox.clients) == keys * per_key, timeout=90, what="every client"
+            )
+            await eventually(lambda: _all_committed(broker.bootstrap_servers, keys * per_key), what="offsets")
+        finally:
+            roles.stop_all()
+
+    # Every event's effect exactly once: one client per event id, none created twice.
+    created = [r for r in t.sandbox.requests if r.status == 200 and r.error_code is None]
+    assert sorted(event_id_of(r) for r in created) == sorted(
+        f"k{k}-{j}" for k in range(keys) for j in range(per_key)
+    )
+    # Per-key order: the first success of each event follows the previous event's.
+    for k in range(keys):
+        firsts: dict[int, float] = {}
+        for r in t.sandbox.requests:
+            eid = event_id_of(r)
+            if eid.startswith(f"k{k}-") and r.status == 200:
+                firsts.setdefault(int(eid.rsplit("-", 1)[1]), r.time)
+        assert sorted(firsts, key=firsts.__getitem__) == list(range(per_key)), f"key {k} out of order"
