@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.embedded import EmbeddedBroker, free_port
+from services.common.ledger import migrate
 from services.sandbox.samples import client_params
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -122,10 +123,11 @@ async def main(rate: float, seconds: float) -> int:
         "sandbox-maxma": (["sandbox", "maxma", "--key-file", str(work / "key")], sandbox_port),
         "ingest-api": (["ingest", "api"], api_port),
         "normalizer": (["ingest", "normalizer"], norm_port),
-        "maxma": (["maxma", "--migrate"], maxma_port),
+        "maxma": (["maxma"], maxma_port),
     }
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
+        await migrate(env["RELAY_DATABASE_URL"])
         hop = await kafka_hop(broker.bootstrap_servers, rate, count)
         for name, (args, port) in roles.items():
             procs[name] = subprocess.Popen(

@@ -12,6 +12,7 @@ import pytest
 from services.common.config import KafkaSettings, load_settings
 from services.common.kafka import EVENTS
 from services.common.metrics import CIRCUITS_OPEN
+from services.common.ops import DlqFilter, read_dlq, replay
 from services.maxma.app import create_app
 from tests.support import (
     FAST_DELIVERY,
@@ -158,3 +159,39 @@ async def test_the_rate_limit_holds_under_load(kafka: KafkaSettings, tmp_path: P
         for i, start in enumerate(times):
             in_window = sum(1 for x in times[i:] if x - start < 1.0)
             assert in_window <= 20
+
+
+async def test_a_replayed_dead_letter_is_delivered_once(kafka: KafkaSettings, tmp_path: Path) -> None:
+    async with running(kafka, tmp_path) as t:
+        t.sandbox.add_fault({"mode": "error_code", "code": 25, "times": 1, "match": {"externalId": "D"}})
+        await publish_events(
+            kafka.bootstrap_servers,
+            client_event("d0", "D", "+79160000009"),
+            client_event("x0", "X", "+79160000010"),
+        )
+        await eventually(lambda: len(t.sandbox.requests) == 2, what="both attempts")
+        flt = DlqFilter(targets=("maxma",))
+        await eventually(lambda: _dead_letters(kafka, flt, 1), what="the dead letter")
+        (dead,) = await read_dlq(kafka.bootstrap_servers, ["maxma"], flt)
+        assert (dead.event_id, dead.vendor_code, dead.conn_id) == ("d0", "25", "salon/maxma")
+
+        # The card conflict is fixed in Maxma; the operator replays: one new attempt, the client exists.
+        assert await replay(kafka.bootstrap_servers, [dead]) == 1
+        await eventually(lambda: len(t.sandbox.clients) == 2, what="the replayed client")
+        d = await t.ledger.get("maxma:maxma:new-client:d0")
+        assert d is not None
+        assert d.status.value == "delivered"
+
+        # Replaying again (or a duplicate dead letter) never reaches Maxma a second time.
+        assert await replay(kafka.bootstrap_servers, [dead]) == 1
+        await eventually(lambda: _all_committed(kafka, 4), what="the second replay read")
+        sent = [event_id_of(r) for r in t.sandbox.requests]
+        assert sorted(sent) == ["d0", "d0", "x0"]  # d0: the conflict, then the replay; never a third time
+
+
+async def _dead_letters(kafka: KafkaSettings, flt: DlqFilter, n: int) -> bool:
+    return len(await read_dlq(kafka.bootstrap_servers, ["maxma"], flt)) >= n
+
+
+async def _all_committed(kafka: KafkaSettings, n: int) -> bool:
+    return sum((await committed(kafka.bootstrap_servers, "relay-maxma", EVENTS)).values()) >= n
