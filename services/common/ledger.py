@@ -412,6 +412,15 @@ class Ledger:
     async def unpark(self, key: str) -> None:
         await self._writes.submit("unpark", key=key)
 
+    async def release_circuit(self, target: str, connection: str) -> None:
+        """A circuit closed: what it parked is due now, not when the open period would have ended."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(_P)
+                .where(_P.c.target == target, _P.c.connection == connection, _P.c.reason == "circuit")
+                .values(due_at=datetime.now(UTC))
+            )
+
     async def add_event(
         self, *, id: str, source: str, event: str, received_at: datetime, client_id: str | None,
         phone: str | None, kafka_key: str | None, inbox: str, normalized: str | None,

@@ -336,7 +336,7 @@ class DeliveryRuntime:
             jobs = [
                 j
                 for j in self.target.jobs(event)
-                if j.connection == head.connection and j.action == head.action
+                if j.conn_id == head.connection and j.action == head.action
             ]
             d = await self.ledger.get(head.idempotency_key)
             if d is None or d.status in SETTLED:
@@ -344,7 +344,7 @@ class DeliveryRuntime:
                 continue
             if not jobs:
                 await self._settle(head.idempotency_key, d, Outcome.permanent("the connection is no longer configured"),
-                                   head.action, head.connection, event, head.kafka_key, _now(), 0.0, d.attempts)  # fmt: skip
+                                   head.action, d.connection, event, head.kafka_key, _now(), 0.0, d.attempts)  # fmt: skip
                 await self.ledger.unpark(head.idempotency_key)
                 continue
             if not await self._attempts(
@@ -382,10 +382,13 @@ class DeliveryRuntime:
             elapsed = time.perf_counter() - t0
             ATTEMPT_LATENCY.labels(self.target.name, job.action).observe(elapsed)
             hit(f"{self.target.name}.after_send", self.settings.failpoints)
+            was_closed = breaker.state is CircuitState.CLOSED
             if outcome.kind is OutcomeKind.RETRYABLE:
                 breaker.record_failure()
             else:
                 breaker.record_success()
+                if not was_closed:
+                    await self.ledger.release_circuit(self.target.name, job.conn_id)
             self._circuit_gauge()
             attempts += 1
             delay = None if outcome.kind is not OutcomeKind.RETRYABLE else self.policy.next_delay(
@@ -428,7 +431,7 @@ class DeliveryRuntime:
             await self.ledger.repark(key, due_at=due, reason=reason)
         else:
             await self.ledger.park(key, target=self.target.name, lane=lane.id, partition=lane.tp.partition,
-                                   due_at=due, reason=reason, connection=job.connection, action=job.action,
+                                   due_at=due, reason=reason, connection=job.conn_id, action=job.action,
                                    kafka_key=kafka_key, event=event.model_dump_json(), replay=replay)  # fmt: skip
         lane.parked = True
 
