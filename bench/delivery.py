@@ -43,6 +43,7 @@ from services.common.events import (
     utcnow,
 )
 from services.common.kafka import EVENTS, ensure_topics
+from services.common.ledger import migrate
 from services.maxma.mapping import new_client_body
 from services.sandbox.samples import client_params
 
@@ -251,15 +252,17 @@ async def main(args: argparse.Namespace) -> int:
                   proc_env=base_env)  # fmt: skip
             await wait_http(f"{sandbox_url}/_sandbox/latency")
             (await http.post("/_sandbox/latency", json={"ms": args.latency_ms})).raise_for_status()
-            await ensure_topics(
-                KafkaSettings(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
-            )
+            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, enable_idempotence=False)
+            await asyncio.wait_for(ensure_topics(kafka), 30)
             t0 = time.monotonic()
             await asyncio.wait_for(prefill(broker.bootstrap_servers, make_events(n, k)), 120)
             log(f"pre-filled {n} events over {k} keys in {time.monotonic() - t0:.1f} s; {work}")
 
             # 1. The delivery runtime.
-            maxma = spawn("maxma", "maxma", "--migrate", port=maxma_port, proc_env=env)
+            # Migrated beforehand, as a deployment's `relay db upgrade` job does: the service itself then never
+            # loads Alembic, and its memory is what production would see.
+            await migrate(env["RELAY_DATABASE_URL"])
+            maxma = spawn("maxma", "maxma", port=maxma_port, proc_env=env)
             stop_rss = asyncio.Event()
             sampler = asyncio.create_task(sample_rss(maxma.pid, rss, stop_rss))
             metrics = f"http://127.0.0.1:{maxma_port}/metrics/"
@@ -294,7 +297,7 @@ async def main(args: argparse.Namespace) -> int:
             ]
             plain_times = [float(r["time"]) for r in plain_reqs]
             plain_span = max(plain_times) - min(plain_times) if len(plain_times) > 1 else float("nan")
-            plain_rate = len(plain_reqs) / plain_span
+            plain_rate = len(plain_reqs) / plain_span if plain_span > 0 else float("nan")
             log(f"plain consumer handled {handled}")
     finally:
         for p in procs.values():

@@ -164,7 +164,7 @@ class DeliverySettings(Strict):
     # Deliveries waiting on their target at once, per process.
     max_in_flight: int = Field(100, ge=1)
     # Records held in memory before the partitions are paused (memory stays bounded).
-    max_buffered: int = Field(2000, ge=10)
+    max_buffered: int = Field(1000, ge=10)
     retry_schedule: str = "0,5s,5m,30m,2h,5h,10h,10h"
     retry_jitter: float = Field(0.2, ge=0, lt=1)
     # At least this long after a 429 or a timeout.

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
-from faststream.asgi import AsgiResponse, get
-from faststream.kafka import KafkaBroker
 from prometheus_client import make_asgi_app
 
 from services.common.kafka import ensure_topics
 from services.common.ledger import Ledger, upgrade
 
 if TYPE_CHECKING:
+    from faststream.kafka import KafkaBroker
+
     from services.common.delivery.runtime import DeliveryRuntime
 
 Check = Callable[[], Awaitable[bool]]
@@ -23,6 +23,8 @@ Check = Callable[[], Awaitable[bool]]
 
 def worker_routes(broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = ()) -> list[tuple[str, Any]]:
     """``/healthz`` (alive), ``/readyz`` (broker and every check reachable), ``/metrics``."""
+    # Imported here so the delivery services, which use runtime_app below, do not load FastStream.
+    from faststream.asgi import AsgiResponse, get
 
     @get(include_in_schema=False)
     async def healthz(scope: Any) -> AsgiResponse:

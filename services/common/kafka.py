@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from faststream.kafka import KafkaBroker
 
 from services.common.config import TARGETS, KafkaSettings
+
+if TYPE_CHECKING:
+    from faststream.kafka import KafkaBroker
 
 INBOX = "klientiks.inbox.v1"
 EVENTS = "klientiks.events.v1"
@@ -83,6 +85,9 @@ def make_broker(settings: KafkaSettings, **kwargs: Any) -> KafkaBroker:
 
     Its log lines go through the project's logging (JSON, masked); per-message lines are DEBUG.
     """
+    # Imported here: the delivery services do not use FastStream and need not carry its ~35 MB.
+    from faststream.kafka import KafkaBroker
+
     return KafkaBroker(
         settings.bootstrap_servers,
         client_id=settings.client_id,

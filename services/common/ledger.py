@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     DateTime,
     Float,
@@ -42,6 +40,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from services.common.outcome import Outcome, OutcomeKind
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_BATCH = 500
@@ -243,6 +244,8 @@ def make_engine(url: str) -> AsyncEngine:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
@@ -251,6 +254,9 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply the Alembic migrations (``relay db upgrade``)."""
+
+    # Alembic is imported only when migrating: the long-running roles need not carry it.
+    from alembic import command
 
     def run(conn: Connection) -> None:
         command.upgrade(alembic_config(conn), revision)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
 from fastapi import FastAPI
 
 from services.common.config import Settings, target_connections
 from services.common.delivery.runtime import DeliveryRuntime
 from services.common.http import runtime_app
+from services.common.httpclient import make_http_client
 from services.common.ledger import Ledger
 from services.maxma.client import MaxmaClient
 from services.maxma.handlers import TARGET, MaxmaTarget, Route
@@ -18,9 +18,7 @@ def create_app(settings: Settings, *, migrate: bool = False) -> FastAPI:
     """Assemble the service; validates its connections now, connects nothing until started."""
     connections = list(target_connections(settings, TARGET, MaxmaConnection))
     ledger = Ledger.from_url(settings.database_url)
-    http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=settings.delivery.max_in_flight, max_keepalive_connections=100)
-    )
+    http = make_http_client(settings.delivery.max_in_flight)
     routes = [
         Route(
             source,

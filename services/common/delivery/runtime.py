@@ -334,9 +334,7 @@ class DeliveryRuntime:
                 return False
             event = CloudEvent.model_validate_json(head.event)
             jobs = [
-                j
-                for j in self.target.jobs(event)
-                if j.conn_id == head.connection and j.action == head.action
+                j for j in self.target.jobs(event) if j.conn_id == head.connection and j.action == head.action
             ]
             d = await self.ledger.get(head.idempotency_key)
             if d is None or d.status in SETTLED:
