@@ -1,10 +1,10 @@
-"""Health, readiness and metrics for the worker processes: FastStream apps and delivery services."""
+"""The HTTP face of a delivery service: lifespan of the runtime, health, readiness, metrics."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -14,33 +14,7 @@ from services.common.kafka import ensure_topics
 from services.common.ledger import Ledger, upgrade
 
 if TYPE_CHECKING:
-    from faststream.kafka import KafkaBroker
-
     from services.common.delivery.runtime import DeliveryRuntime
-
-Check = Callable[[], Awaitable[bool]]
-
-
-def worker_routes(broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = ()) -> list[tuple[str, Any]]:
-    """``/healthz`` (alive), ``/readyz`` (broker and every check reachable), ``/metrics``."""
-    # Imported here so the delivery services, which use runtime_app below, do not load FastStream.
-    from faststream.asgi import AsgiResponse, get
-
-    @get(include_in_schema=False)
-    async def healthz(scope: Any) -> AsgiResponse:
-        return AsgiResponse(b"ok", 200)
-
-    @get(include_in_schema=False)
-    async def readyz(scope: Any) -> AsgiResponse:
-        failed = [] if await broker.ping(timeout=2) else ["kafka"]
-        for name, check in checks:
-            if not await check():
-                failed.append(name)
-        if failed:
-            return AsgiResponse(f"unreachable: {', '.join(failed)}".encode(), 503)
-        return AsgiResponse(b"ready", 200)
-
-    return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app())]
 
 
 def runtime_app(

@@ -13,11 +13,11 @@ from pydantic import ValidationError
 
 from services.common.config import Settings
 from services.common.events import CloudEvent, EventName
-from services.common.http import worker_routes
 from services.common.kafka import EVENTS, INBOX, QUARANTINE, consumer_options, ensure_topics, make_broker
 from services.common.ledger import Ledger, upgrade
 from services.common.logging import get_logger
 from services.common.metrics import MISSING_VALUES, NORMALIZED, QUARANTINED
+from services.common.streamapp import worker_routes
 from services.ingest.inbox import InboxRecord
 from services.ingest.parsing import KNOWN, Normalized, Rejected, normalize
 

@@ -21,35 +21,38 @@ from tests.support import (
 )
 
 
+N = 3000
+
+
 async def test_sigterm_under_load_loses_nothing_and_sends_nothing_twice(
     broker: EmbeddedBroker, kafka: object, tmp_path: Path
 ) -> None:
     async with maxma_target(tmp_path) as t:
-        t.sandbox.set_latency(50)
+        t.sandbox.set_latency(100)
         roles = Roles(role_env(t.config, broker.bootstrap_servers, t.db_url), tmp_path)
         try:
             roles.start("maxma", "maxma")
             await roles.ready("maxma")
             await publish_events(
                 broker.bootstrap_servers,
-                *[client_event(f"e{i}", f"S{i}", f"+7916{i:07d}") for i in range(600)],
+                *[client_event(f"e{i}", f"S{i}", f"+7916{i:07d}") for i in range(N)],
             )
             await eventually(lambda: len(t.sandbox.requests) >= 100, what="deliveries under way")
             # uvicorn re-raises the signal after a clean shutdown: -15 is a graceful exit.
             assert await roles.terminate("maxma") in (0, -signal.SIGTERM), roles.log("maxma")[-3000:]
             assert "delivery runtime stopped" in roles.log("maxma")
             stopped_at = len(t.sandbox.requests)
-            assert stopped_at < 600, "the load was over before SIGTERM: the test proves nothing"
+            assert stopped_at < N, "the load was over before SIGTERM: the test proves nothing"
 
             roles.start("maxma", "maxma")
             await roles.ready("maxma")
-            await eventually(lambda: len(t.sandbox.clients) == 600, timeout=60, what="every client")
+            await eventually(lambda: len(t.sandbox.clients) == N, timeout=60, what="every client")
             await eventually(
-                lambda: _all_committed(broker.bootstrap_servers, 600), what="every offset committed"
+                lambda: _all_committed(broker.bootstrap_servers, N), what="every offset committed"
             )
             ids = [event_id_of(r) for r in t.sandbox.requests]
-            assert len(ids) == 600
-            assert len(set(ids)) == 600
+            assert len(ids) == N
+            assert len(set(ids)) == N
         finally:
             roles.stop_all()
 
@@ -61,10 +64,11 @@ async def _all_committed(bootstrap: str, n: int) -> bool:
 async def test_killed_at_random_moments_every_effect_once_and_in_order(
     broker: EmbeddedBroker, kafka: object, tmp_path: Path
 ) -> None:
-    keys, per_key = 30, 8
+    # Each key's events go one after another: 50 x 40 ms per lane outlasts several kills.
+    keys, per_key = 30, 50
     rnd = random.Random(20261121)
     async with maxma_target(tmp_path) as t:
-        t.sandbox.set_latency(20)
+        t.sandbox.set_latency(40)
         t.sandbox.add_fault({"mode": "http_status", "status": 503, "probability": 0.2, "seed": 7})
         env = role_env(t.config, broker.bootstrap_servers, t.db_url)
         # Enough retries that a 20% fault rate never exhausts them (0.2^7).
@@ -82,7 +86,7 @@ async def test_killed_at_random_moments_every_effect_once_and_in_order(
             roles.start("maxma", "maxma")
             await roles.ready("maxma")
             while kills < 4 and len(t.sandbox.clients) < keys * per_key:
-                await asyncio.sleep(rnd.uniform(0.2, 1.5))
+                await asyncio.sleep(rnd.uniform(0.2, 1.0))
                 await roles.terminate("maxma", signal.SIGKILL)
                 kills += 1
                 roles.start("maxma", "maxma")
