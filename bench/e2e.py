@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.embedded import EmbeddedBroker, free_port
+from services.common.httpclient import make_http_client
 from services.common.ledger import migrate
 from services.sandbox.samples import client_params
 
@@ -144,7 +145,8 @@ async def main(rate: float, seconds: float) -> int:
         accepted: dict[str, float] = {}
         ingest_ms: list[float] = []
         url = f"http://127.0.0.1:{api_port}/hooks/klientiks/{TOKEN}/client-created"
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as http:
+        # The load generator must not be the bottleneck: httpcore's pool is (see services.common.httpclient).
+        async with make_http_client(64) as http:
 
             async def send(i: int) -> None:
                 params = client_params(i, seed=int(time.time()))

@@ -1,9 +1,16 @@
-"""The normalizer role: inbox records to typed events on ``klientiks.events.v1``; the rest to quarantine."""
+"""The normalizer role: inbox records to typed events on ``klientiks.events.v1``; the rest to quarantine.
+
+Records are handled in batches: one ledger transaction keeps the history of the whole batch, and the
+batch's records are queued on the producer in order (per-key order holds) and awaited together.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
+from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
 from faststream.kafka.annotations import KafkaMessage
@@ -12,105 +19,127 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from services.common.config import Settings
-from services.common.events import CloudEvent, EventName
-from services.common.kafka import EVENTS, INBOX, QUARANTINE, consumer_options, ensure_topics, make_broker
+from services.common.kafka import (
+    EVENTS,
+    INBOX,
+    QUARANTINE,
+    consumer_options,
+    ensure_topics,
+    make_broker,
+    make_producer,
+)
 from services.common.ledger import Ledger, upgrade
 from services.common.logging import get_logger
 from services.common.metrics import MISSING_VALUES, NORMALIZED, QUARANTINED
 from services.common.streamapp import worker_routes
 from services.ingest.inbox import InboxRecord
-from services.ingest.parsing import KNOWN, Normalized, Rejected, normalize
+from services.ingest.parsing import KNOWN, Rejected, normalize
 
 GROUP = "relay-normalizer"
-# Publishing failed (broker away): wait before the record is fetched again, not a hot loop.
+BATCH = 500
+# Publishing or the ledger failed: wait before the batch is fetched again, not a hot loop.
 REDELIVERY_PAUSE_S = 1.0
 
 log = get_logger("relay.ingest.normalizer")
+
+
+@dataclass
+class _Out:
+    """Where one inbox record goes, and what the history keeps of it."""
+
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    history: dict[str, Any] | None = None
+    event_id: str | None = None
+    source: str | None = None
+    webhook: str | None = None
+    reason: str | None = None
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _history(record: InboxRecord, raw: bytes, key: bytes | None, **kw: Any) -> dict[str, Any]:
+    return dict(
+        id=record.id, source=record.source, event=record.event, received_at=record.received_at,
+        kafka_key=key.decode("utf-8", "replace") if key else None, inbox=raw.decode("utf-8", "replace"),
+        client_id=None, phone=None, normalized=None, quarantine_reason=None,
+    ) | kw  # fmt: skip
+
+
+def route(raw: bytes, key: bytes | None, settings: Settings) -> _Out:
+    """Decide what becomes of one inbox record (no I/O)."""
+
+    def quarantined(reason: str, detail: str, record: InboxRecord | None = None) -> _Out:
+        headers = [("reason", reason.encode()), ("detail", detail[:500].encode())]
+        history = _history(record, raw, key, quarantine_reason=reason) if record else None
+        return _Out(QUARANTINE, raw, key, headers, history, record.id if record else None,
+                    record.source if record else None, record.event if record else None, reason)  # fmt: skip
+
+    try:
+        record = InboxRecord.from_bytes(raw)
+    except ValidationError as e:
+        return quarantined("bad_record", str(e))
+    source = next((s for s in settings.sources if s.name == record.source), None)
+    if source is None:
+        return quarantined("unknown_source", f"source {record.source!r} is not configured", record)
+    result = normalize(record, zone=source.zone, phone_region=source.phone_region)
+    if isinstance(result, Rejected):
+        return quarantined(result.reason, result.detail, record)
+    event, out_key = result.event, result.key.encode()
+    client = event.data.client
+    history = _history(
+        record, raw, out_key, client_id=client.id if client else None, phone=client.phone if client else None,
+        normalized=event.model_dump_json(),
+    )  # fmt: skip
+    return _Out(EVENTS, event.kafka_value(), out_key, event.kafka_headers(), history, event.id, record.source,
+                record.event, missing=result.missing)  # fmt: skip
 
 
 def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastStream:
     """Assemble the normalizer. Nothing connects until the app starts."""
     broker = make_broker(settings.kafka, middlewares=[KafkaPrometheusMiddleware(registry=REGISTRY)])
     ledger = Ledger.from_url(settings.database_url)
-    sources = {s.name: s for s in settings.sources}
+    producers: list[AIOKafkaProducer] = []
 
-    async def quarantine(
-        raw: bytes, key: bytes | None, reason: str, detail: str, record: InboxRecord | None = None
-    ) -> None:
-        if record is not None:
-            await _remember(record, raw, key, None, reason)
-        await broker.publish(raw, QUARANTINE, key=key, headers={"reason": reason, "detail": detail[:500]})
-        QUARANTINED.labels(reason).inc()
-        log.warning("inbox record quarantined", reason=reason, detail=detail)
-
-    @broker.subscriber(INBOX, ack_policy=AckPolicy.MANUAL, **consumer_options(settings.kafka, GROUP))
+    @broker.subscriber(
+        INBOX,
+        batch=True,
+        max_records=BATCH,
+        ack_policy=AckPolicy.MANUAL,
+        **consumer_options(settings.kafka, GROUP),
+    )
     async def handle(msg: KafkaMessage) -> None:
-        raw: bytes = msg.raw_message.value  # type: ignore[union-attr]
-        key: bytes | None = msg.raw_message.key  # type: ignore[union-attr]
+        raw = msg.raw_message
+        records = raw if isinstance(raw, tuple) else (raw,)
         try:
-            try:
-                record = InboxRecord.from_bytes(raw)
-            except ValidationError as e:
-                await quarantine(raw, key, "bad_record", str(e))
-            else:
-                await _normalize_one(record, raw, key)
+            outs = [route(r.value, r.key, settings) for r in records]
+            # History first: an event on the topic is always findable with `relay events show`.
+            await asyncio.gather(*(ledger.add_event(**o.history) for o in outs if o.history))
+            producer = producers[0]
+            # Queued one after another, so records of one key keep their order; then awaited together.
+            sent = [await producer.send(o.topic, o.value, key=o.key, headers=o.headers) for o in outs]
+            await asyncio.gather(*sent)
             await msg.ack()
         except Exception as e:
-            log.error("normalizer failed; the record will be read again", error=repr(e))
+            log.error("normalizer failed; the batch will be read again", records=len(records), error=repr(e))
             await asyncio.sleep(REDELIVERY_PAUSE_S)
             await msg.nack()
-
-    async def _normalize_one(record: InboxRecord, raw: bytes, key: bytes | None) -> None:
-        source = sources.get(record.source)
-        if source is None:
-            await quarantine(
-                raw, key, "unknown_source", f"source {record.source!r} is not configured", record
-            )
             return
-        result = normalize(record, zone=source.zone, phone_region=source.phone_region)
-        if isinstance(result, Rejected):
-            await quarantine(raw, key, result.reason, result.detail, record)
-            return
-        assert isinstance(result, Normalized)
-        event = result.event
-        # History first: an event on the topic is always findable with `relay events show`.
-        await _remember(record, raw, result.key.encode(), event, None)
-        await broker.publish(
-            event.kafka_value(),
-            EVENTS,
-            key=result.key.encode(),
-            headers={k: v.decode() for k, v in event.kafka_headers()},
-        )
-        name = EventName(record.event).value
-        NORMALIZED.labels(name).inc()
-        for field, kind in result.missing:
-            # Keys are the sender's choice: only known ones become label values.
-            MISSING_VALUES.labels(name, field if field in KNOWN else "other", kind).inc()
-        log.info(
-            "event normalized",
-            source=record.source,
-            webhook=name,
-            event_id=event.id,
-            missing=[f"{f}:{k}" for f, k in result.missing],
-        )
-
-    async def _remember(
-        record: InboxRecord, raw: bytes, key: bytes | None, event: CloudEvent | None, reason: str | None
-    ) -> None:
-        client = event.data.client if event else None
-        await ledger.add_event(
-            id=record.id, source=record.source, event=record.event, received_at=record.received_at,
-            client_id=client.id if client else None, phone=client.phone if client else None,
-            kafka_key=key.decode("utf-8", "replace") if key else None, inbox=raw.decode("utf-8", "replace"),
-            normalized=event.model_dump_json() if event else None, quarantine_reason=reason,
-        )  # fmt: skip
+        for o in outs:
+            _account(o)
 
     async def startup() -> None:
         if migrate:
             await upgrade(ledger.engine)
         await ensure_topics(settings.kafka)
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        producers.append(producer)
 
     async def shutdown() -> None:
+        for p in producers:
+            await p.stop()
         await ledger.close()
 
     return AsgiFastStream(
@@ -119,3 +148,18 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         on_startup=[startup],
         after_shutdown=[shutdown],
     )
+
+
+def _account(o: _Out) -> None:
+    """Metrics and the log line of one record, once it is safely published."""
+    if o.topic == QUARANTINE:
+        QUARANTINED.labels(o.reason or "unknown").inc()
+        log.warning("inbox record quarantined", reason=o.reason, event_id=o.event_id, source=o.source)
+        return
+    name = o.webhook or "unknown"
+    NORMALIZED.labels(name).inc()
+    for f, kind in o.missing:
+        # Keys are the sender's choice: only known ones become label values.
+        MISSING_VALUES.labels(name, f if f in KNOWN else "other", kind).inc()
+    log.info("event normalized", source=o.source, webhook=name, event_id=o.event_id,
+             missing=[f"{f}:{k}" for f, k in o.missing])  # fmt: skip
