@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from services.common.httpclient import send_json
 from services.common.outcome import Outcome
 
 # Maxma answers processing errors as HTTP 200 with {"errorCode": N, "description": ...}.
@@ -98,8 +99,10 @@ def classify(status: int, headers: httpx.Headers, body: bytes) -> Outcome:
 class MaxmaClient:
     """One Maxma account (one processing key)."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, processing_key: str, timeout_s: float) -> None:
-        self._http = http
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, base_url: str, processing_key: str, timeout_s: float
+    ) -> None:
+        self._transport = transport
         self._base = base_url.rstrip("/")
         self._key = processing_key
         self._timeout = timeout_s
@@ -113,8 +116,8 @@ class MaxmaClient:
             "Idempotency-Key": idempotency_key,
         }
         try:
-            resp = await self._http.post(
-                f"{self._base}/{method}", json=body, headers=headers, timeout=self._timeout
+            resp = await send_json(
+                self._transport, f"{self._base}/{method}", body, headers=headers, timeout_s=self._timeout
             )
         except httpx.TimeoutException as e:
             return Outcome.retryable(f"timeout: {type(e).__name__}", throttle=True)

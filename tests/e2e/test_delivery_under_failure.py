@@ -20,7 +20,6 @@ from tests.support import (
     role_env,
 )
 
-
 N = 3000
 
 

@@ -239,9 +239,10 @@ def test_parse_retry_after_junk(value: str | None) -> None:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
+async def http() -> AsyncIterator[httpx.AsyncBaseTransport]:
+    # respx intercepts httpx's own transport; production uses the aiohttp one (same interface).
+    async with httpx.AsyncHTTPTransport() as transport:
+        yield transport
 
 
 @pytest.fixture
@@ -250,11 +251,13 @@ def mock() -> Iterator[respx.MockRouter]:
         yield router
 
 
-def maxma(http: httpx.AsyncClient) -> MaxmaClient:
+def maxma(http: httpx.AsyncBaseTransport) -> MaxmaClient:
     return MaxmaClient(http, BASE + "/", KEY, timeout_s=3.0)
 
 
-async def test_call_sends_the_request_maxma_expects(http: httpx.AsyncClient, mock: respx.MockRouter) -> None:
+async def test_call_sends_the_request_maxma_expects(
+    http: httpx.AsyncBaseTransport, mock: respx.MockRouter
+) -> None:
     route = mock.post("/new-client").respond(200, json=SUCCESS)
     o = await maxma(http).new_client(BODY, idempotency_key=IDEM)
     assert o.ok
@@ -270,7 +273,7 @@ async def test_call_sends_the_request_maxma_expects(http: httpx.AsyncClient, moc
     assert json.loads(req.content) == BODY
 
 
-async def test_call_other_method(http: httpx.AsyncClient, mock: respx.MockRouter) -> None:
+async def test_call_other_method(http: httpx.AsyncBaseTransport, mock: respx.MockRouter) -> None:
     route = mock.post("/set-order").respond(200, json=error(32, "Заказ уже обработан"))
     o = await maxma(http).call("set-order", {"orderId": "55017"}, idempotency_key=IDEM)
     assert o.ok
@@ -291,7 +294,7 @@ async def test_call_other_method(http: httpx.AsyncClient, mock: respx.MockRouter
     ],
 )
 async def test_call_classifies_the_answer(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncBaseTransport,
     mock: respx.MockRouter,
     status: int,
     body: Any,
@@ -309,7 +312,9 @@ async def test_call_classifies_the_answer(
     assert o.retry_after == retry_after
 
 
-async def test_call_connect_error_is_retryable(http: httpx.AsyncClient, mock: respx.MockRouter) -> None:
+async def test_call_connect_error_is_retryable(
+    http: httpx.AsyncBaseTransport, mock: respx.MockRouter
+) -> None:
     mock.post("/new-client").mock(side_effect=httpx.ConnectError("Connection refused"))
     o = await maxma(http).new_client(BODY, idempotency_key=IDEM)
     assert o.kind is OutcomeKind.RETRYABLE
@@ -322,7 +327,7 @@ async def test_call_connect_error_is_retryable(http: httpx.AsyncClient, mock: re
     "exc", [httpx.ConnectTimeout, httpx.ReadTimeout, httpx.PoolTimeout, httpx.WriteTimeout]
 )
 async def test_call_timeout_is_retryable(
-    http: httpx.AsyncClient, mock: respx.MockRouter, exc: type[httpx.TimeoutException]
+    http: httpx.AsyncBaseTransport, mock: respx.MockRouter, exc: type[httpx.TimeoutException]
 ) -> None:
     mock.post("/new-client").mock(side_effect=exc("timed out"))
     o = await maxma(http).new_client(BODY, idempotency_key=IDEM)
@@ -331,7 +336,7 @@ async def test_call_timeout_is_retryable(
 
 
 async def test_call_remote_protocol_error_is_retryable(
-    http: httpx.AsyncClient, mock: respx.MockRouter
+    http: httpx.AsyncBaseTransport, mock: respx.MockRouter
 ) -> None:
     mock.post("/new-client").mock(side_effect=httpx.RemoteProtocolError("Server disconnected"))
     o = await maxma(http).new_client(BODY, idempotency_key=IDEM)
