@@ -25,7 +25,7 @@ def make_http_client(max_connections: int) -> httpx.AsyncClient:
 
 async def send_json(
     transport: httpx.AsyncBaseTransport,
-    url: str,
+    url: httpx.URL | str,
     body: Any,
     *,
     headers: dict[str, str],

@@ -104,6 +104,8 @@ class MaxmaClient:
     ) -> None:
         self._transport = transport
         self._base = base_url.rstrip("/")
+        # Parsed once per method: URL parsing is a visible share of a delivery's CPU at 1,000/s.
+        self._urls: dict[str, httpx.URL] = {}
         self._key = processing_key
         self._timeout = timeout_s
 
@@ -116,9 +118,8 @@ class MaxmaClient:
             "Idempotency-Key": idempotency_key,
         }
         try:
-            resp = await send_json(
-                self._transport, f"{self._base}/{method}", body, headers=headers, timeout_s=self._timeout
-            )
+            url = self._urls.get(method) or self._urls.setdefault(method, httpx.URL(f"{self._base}/{method}"))
+            resp = await send_json(self._transport, url, body, headers=headers, timeout_s=self._timeout)
         except httpx.TimeoutException as e:
             return Outcome.retryable(f"timeout: {type(e).__name__}", throttle=True)
         except httpx.TransportError as e:
