@@ -30,12 +30,13 @@ async def test_sigterm_under_load_loses_nothing_and_sends_nothing_twice(
         t.sandbox.set_latency(100)
         roles = Roles(role_env(t.config, broker.bootstrap_servers, t.db_url), tmp_path)
         try:
-            roles.start("maxma", "maxma")
-            await roles.ready("maxma")
+            # The whole load is waiting before the service starts, so SIGTERM always lands in the middle.
             await publish_events(
                 broker.bootstrap_servers,
                 *[client_event(f"e{i}", f"S{i}", f"+7916{i:07d}") for i in range(N)],
             )
+            roles.start("maxma", "maxma")
+            await roles.ready("maxma")
             await eventually(lambda: len(t.sandbox.requests) >= 100, what="deliveries under way")
             # uvicorn re-raises the signal after a clean shutdown: -15 is a graceful exit.
             assert await roles.terminate("maxma") in (0, -signal.SIGTERM), roles.log("maxma")[-3000:]
