@@ -43,6 +43,7 @@ err = Console(stderr=True)
 
 HostOpt = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="HTTP port (webhooks, /metrics, /healthz, /readyz).")]
+MigrateOpt = Annotated[bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")]
 
 
 def _settings() -> Settings:
@@ -80,9 +81,7 @@ def ingest_api(host: HostOpt = "0.0.0.0", port: PortOpt = 8080) -> None:  # noqa
 def ingest_normalizer(
     host: HostOpt = "0.0.0.0",  # noqa: S104
     port: PortOpt = 8081,
-    migrate: Annotated[
-        bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")
-    ] = False,
+    migrate: MigrateOpt = False,
 ) -> None:
     """Turn inbox records into typed events on klientiks.events.v1."""
     from services.ingest.normalizer import create_normalizer
@@ -94,9 +93,7 @@ def ingest_normalizer(
 def maxma(
     host: HostOpt = "0.0.0.0",  # noqa: S104
     port: PortOpt = 8082,
-    migrate: Annotated[
-        bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")
-    ] = False,
+    migrate: MigrateOpt = False,
 ) -> None:
     """Deliver events to Maxma."""
     from services.maxma.app import create_app

@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from services.common.embedded import EmbeddedBroker
-from services.common.events import Client, CloudEvent, EventData, EventName, source_uri
 from services.common.failpoints import EXIT_CODE
 from services.common.kafka import EVENTS
 from services.common.ledger import DeliveryStatus, idempotency_key
-from tests.support import Roles, committed, eventually, maxma_target, publish_events, role_env
-
-
-def _event(event_id: str) -> CloudEvent:
-    now = datetime.now(UTC)
-    return CloudEvent(
-        id=event_id,
-        source=source_uri("salon"),
-        type=EventName.CLIENT_CREATED.ce_type,
-        time=now,
-        subject="client/6439302",
-        relayreceivedat=now,
-        data=EventData(
-            client=Client(
-                id="6439302",
-                full_name="Смирнова Ольга Петровна",
-                first_name="Ольга",
-                last_name="Смирнова",
-                patronymic="Петровна",
-                phone="+79031112233",
-            )
-        ),
-    )
+from tests.support import Roles, client_event, committed, eventually, maxma_target, publish_events, role_env
 
 
 @pytest.mark.parametrize(
@@ -56,7 +32,10 @@ async def test_killed_before_commit_creates_the_client_once(
         try:
             roles.start("maxma", "maxma", env={"RELAY_FAILPOINTS": f'["{failpoint}"]'})
             await roles.ready("maxma")
-            await publish_events(broker.bootstrap_servers, _event("evt-crash"))
+            await publish_events(
+                broker.bootstrap_servers,
+                client_event("evt-crash", "6439302", "+79031112233", "Смирнова Ольга Петровна"),
+            )
 
             assert await roles.wait_exit("maxma") == EXIT_CODE, roles.log("maxma")[-2000:]
             assert len(sandbox.clients) == 1

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from services.common.config import KafkaSettings, load_settings
-from services.common.events import Client, CloudEvent, EventData, EventName, header, source_uri
+from services.common.events import CloudEvent, header
 from services.common.kafka import dlq_topic
 from services.common.ledger import DeliveryStatus, Ledger, idempotency_key
 from services.maxma.app import create_app
@@ -18,27 +18,13 @@ from tests.support import (
     FAST_DELIVERY,
     MAXMA_KEY,
     SOURCE_TOKEN,
+    client_event,
     eventually,
     maxma_target,
     publish_events,
     read_all,
     serve_app,
 )
-
-
-def _event(event_id: str, client_id: str, phone: str | None, card_note: str = "") -> CloudEvent:
-    now = datetime.now(UTC)
-    return CloudEvent(
-        id=event_id,
-        source=source_uri("salon"),
-        type=EventName.CLIENT_CREATED.ce_type,
-        time=now,
-        relayreceivedat=now,
-        subject=f"client/{client_id}",
-        data=EventData(
-            client=Client(id=client_id, full_name=f"Попова Дарья {card_note}".strip(), phone=phone)
-        ),
-    )
 
 
 @pytest.fixture
@@ -63,7 +49,7 @@ async def test_retries_then_delivers_once(service: tuple[MaxmaSandbox, Ledger], 
     sandbox, ledger = service
     sandbox.add_fault({"mode": "http_status", "status": 503, "times": 1})
     sandbox.add_fault({"mode": "error_code", "code": 49, "times": 1})
-    await publish_events(kafka.bootstrap_servers, _event("e1", "100", "+79161112233"))
+    await publish_events(kafka.bootstrap_servers, client_event("e1", "100", "+79161112233"))
     key = idempotency_key("maxma", "maxma", "new-client", "e1")
 
     async def delivered() -> bool:
@@ -82,7 +68,9 @@ async def test_card_conflict_is_permanent_and_dead_lettered_with_headers(
     sandbox, ledger = service
     sandbox.add_fault({"mode": "error_code", "code": 25, "times": 1})
     await publish_events(
-        kafka.bootstrap_servers, _event("e25", "200", "+79162223344"), _event("e-nophone", "201", None)
+        kafka.bootstrap_servers,
+        client_event("e25", "200", "+79162223344"),
+        client_event("e-nophone", "201", None),
     )
     dead = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=2, timeout=30)
     # The two events sit on different partitions: their order in the DLQ is not fixed.
@@ -118,7 +106,7 @@ async def test_exhausted_retries_go_to_the_dlq(
 ) -> None:
     sandbox, _ = service
     sandbox.add_fault({"mode": "http_status", "status": 502, "times": 3})
-    await publish_events(kafka.bootstrap_servers, _event("e502", "300", "+79163334455"))
+    await publish_events(kafka.bootstrap_servers, client_event("e502", "300", "+79163334455"))
     (dead,) = await read_all(kafka.bootstrap_servers, dlq_topic("maxma"), expect=1, timeout=30)
     h = dict((k, v.decode()) for k, v in dead.headers)
     assert (h["relay-dlq-class"], h["relay-dlq-http-status"], h["relay-dlq-attempts"]) == (
