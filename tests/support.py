@@ -103,6 +103,7 @@ class Target:
     ledger: Ledger
     db_url: str
     config: Path
+    runtime: Any = None  # the in-process DeliveryRuntime, when a test starts one
 
 
 @contextlib.asynccontextmanager

@@ -42,6 +42,7 @@ def runtime_app(
             await ledger.close()
 
     app = FastAPI(title=title, lifespan=lifespan, openapi_url=None)
+    app.state.runtime = runtime
     app.mount("/metrics", make_asgi_app())
 
     @app.get("/healthz")

@@ -46,7 +46,9 @@ async def running(
             database_url=target.db_url,
             delivery={**FAST_DELIVERY, **(delivery or {})},
         )
-        async with serve_app(create_app(settings)):
+        app = create_app(settings)
+        target.runtime = app.state.runtime
+        async with serve_app(app):
             yield target
 
 
@@ -195,3 +197,22 @@ async def _dead_letters(kafka: KafkaSettings, flt: DlqFilter, n: int) -> bool:
 
 async def _all_committed(kafka: KafkaSettings, n: int) -> bool:
     return sum((await committed(kafka.bootstrap_servers, "relay-maxma", EVENTS)).values()) >= n
+
+
+async def test_a_full_buffer_pauses_the_partitions(kafka: KafkaSettings, tmp_path: Path) -> None:
+    async with running(kafka, tmp_path, {"max_buffered": 20, "max_in_flight": 10}) as t:
+        t.sandbox.set_latency(100)
+        await publish_events(
+            kafka.bootstrap_servers, *[client_event(f"e{i}", f"P{i}", f"+7926{i:07d}") for i in range(1500)]
+        )
+        peak = 0
+
+        async def done_watching() -> bool:
+            nonlocal peak
+            peak = max(peak, t.runtime.buffered)
+            return len(t.sandbox.requests) >= 200
+
+        await eventually(done_watching, timeout=60, interval=0.01, what="200 deliveries")
+        # One fetch (at most 500 records) may land after the threshold; never the 1,500 waiting.
+        assert 0 < peak <= 20 + 500
+        assert len(t.sandbox.requests) < 1500

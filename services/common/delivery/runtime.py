@@ -180,6 +180,11 @@ class DeliveryRuntime:
                 await asyncio.wait_for(self._producer.stop(), 10)
         log.info("delivery runtime stopped", target=self.target.name)
 
+    @property
+    def buffered(self) -> int:
+        """Records held in memory, waiting for or in delivery."""
+        return sum(self._buffered.values())
+
     async def ready(self) -> bool:
         return (
             self._consumer is not None
@@ -210,7 +215,7 @@ class DeliveryRuntime:
 
     def _backpressure(self) -> None:
         assert self._consumer is not None
-        total = sum(self._buffered.values())
+        total = self.buffered
         if not self._paused and total >= self.cfg.max_buffered:
             self._consumer.pause(*self._offsets)
             self._paused = True
