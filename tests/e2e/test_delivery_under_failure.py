@@ -112,3 +112,44 @@ async def test_killed_at_random_moments_every_effect_once_and_in_order(
             if eid.startswith(f"k{k}-") and r.status == 200:
                 firsts.setdefault(int(eid.rsplit("-", 1)[1]), r.time)
         assert sorted(firsts, key=firsts.__getitem__) == list(range(per_key)), f"key {k} out of order"
+
+
+async def test_rebalances_under_load_send_nothing_twice_and_keep_order(
+    broker: EmbeddedBroker, kafka: object, tmp_path: Path
+) -> None:
+    keys, per_key = 40, 40
+    async with maxma_target(tmp_path) as t:
+        t.sandbox.set_latency(30)
+        roles = Roles(role_env(t.config, broker.bootstrap_servers, t.db_url), tmp_path)
+        try:
+            for k in range(keys):
+                await publish_events(
+                    broker.bootstrap_servers,
+                    *[client_event(f"k{k}-{j}", f"R{k}-{j}", f"+7977{k:03d}{j:04d}") for j in range(per_key)],
+                    key=f"salon:R{k}",
+                )
+            roles.start("a", "maxma")
+            await roles.ready("a")
+            await eventually(lambda: len(t.sandbox.requests) >= 150, what="a delivering")
+            # b joins: a gives up half its partitions mid-flight.
+            roles.start("b", "maxma")
+            await roles.ready("b")
+            before = len(t.sandbox.requests)
+            await eventually(
+                lambda: len(t.sandbox.requests) >= before + 300, timeout=30, what="both delivering"
+            )
+            # a leaves: b takes everything.
+            assert await roles.terminate("a") in (0, -signal.SIGTERM)
+            assert len(t.sandbox.requests) < keys * per_key, "the load was over before the second rebalance"
+            await eventually(
+                lambda: len(t.sandbox.clients) == keys * per_key, timeout=90, what="every client"
+            )
+        finally:
+            roles.stop_all()
+
+    ids = [event_id_of(r) for r in t.sandbox.requests]
+    assert len(ids) == keys * per_key  # each event exactly one request: nothing twice across the rebalances
+    assert len(set(ids)) == keys * per_key
+    for k in range(keys):
+        seq = [int(i.rsplit("-", 1)[1]) for i in ids if i.startswith(f"k{k}-")]
+        assert seq == list(range(per_key)), f"key {k} out of order"
