@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import httpx
 import typer
 import uvicorn
+import yaml
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -157,6 +158,36 @@ def config_check() -> None:
         raise typer.Exit(2) from None
     conns = sum(len(s.connections) for s in settings.sources)
     console.print(f"ok: {len(settings.sources)} source(s), {conns} connection(s)")
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Repeated parts written out in full: a published document should read without YAML anchors."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+@app.command("docs")
+def docs(out: Annotated[Path, typer.Option(help="Folder to write into.")] = Path("docs")) -> None:
+    """Write the contract generated from the code: JSON Schemas, AsyncAPI, OpenAPI."""
+    import json
+
+    from services.common.config import Settings
+    from services.common.contract import asyncapi_document, cloudevent_schema, event_data_schema
+    from services.ingest.api import create_api
+
+    (out / "schemas").mkdir(parents=True, exist_ok=True)
+    files = {
+        out / "schemas" / "event-data.v1.json": json.dumps(event_data_schema(), indent=2, ensure_ascii=False),
+        out / "schemas" / "cloudevent.v1.json": json.dumps(cloudevent_schema(), indent=2, ensure_ascii=False),
+        out / "openapi.json": json.dumps(create_api(Settings()).openapi(), indent=2, ensure_ascii=False),
+        out / "asyncapi.yaml": yaml.dump(
+            asyncapi_document(), Dumper=_NoAliases, sort_keys=False, allow_unicode=True
+        ),
+    }
+    for path, text in files.items():
+        path.write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
+        console.print(f"wrote {path}")
 
 
 @app.command("token")

@@ -110,14 +110,6 @@ def create_api(
                 ok = False
         return PlainTextResponse("ready" if ok else "kafka unreachable", status_code=200 if ok else 503)
 
-    @app.api_route(
-        "/hooks/klientiks/{token}/{event}",
-        methods=["GET", "POST"],
-        status_code=202,
-        response_model=Accepted,
-        responses={404: {"description": "Unknown token or event (indistinguishable)"}},
-        summary="Receive one Klientiks webhook",
-    )
     async def receive(token: str, event: str, request: Request) -> JSONResponse:
         started = time.perf_counter()
         source = directory.find(token)
@@ -176,6 +168,18 @@ def create_api(
         )
         return JSONResponse({"event_id": record.id}, status_code=202)
 
+    # Klientiks may send either method; one operation id each keeps the OpenAPI document valid.
+    for method in ("GET", "POST"):
+        app.add_api_route(
+            "/hooks/klientiks/{token}/{event}",
+            receive,
+            methods=[method],
+            status_code=202,
+            response_model=Accepted,
+            responses={404: {"description": "Unknown token or event (indistinguishable)"}},
+            summary=f"Receive one Klientiks webhook ({method}: query string, form or JSON parameters)",
+            operation_id=f"receive_webhook_{method.lower()}",
+        )
     return app
 
 
