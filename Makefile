@@ -34,6 +34,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.e2e
+	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.delivery
 
 clean:
