@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 
-from bench.e2e import rss_mb, wait_http
+from bench.stack import KEY, log, maxma_config, relay_env, rss_mb, stop_proc, wait_http
 from services.common.config import KafkaSettings
 from services.common.embedded import EmbeddedBroker, free_port, pdeathsig_preexec
 from services.common.events import (
@@ -47,16 +45,10 @@ from services.common.ledger import migrate
 from services.maxma.mapping import new_client_body
 from services.sandbox.samples import client_params
 
-TOKEN = "bench-token-0123456789abcdef"
-KEY = "bench-processing-key-0123456789"
 SOURCE = "bench"
 PLAIN_GROUP = "bench-plain"
 FIRST_CLIENT = 6_400_000
 SEQ_MARK = " #"  # the per-key sequence number travels at the end of the client's full name
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -199,40 +191,15 @@ async def plain_run(bootstrap: str, sandbox_url: str, seconds: float) -> int:
 # -- main --------------------------------------------------------------------------------------------
 
 
-def stop_proc(p: subprocess.Popen[bytes], timeout: float = 25) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 async def main(args: argparse.Namespace) -> int:
     n, k = args.events, min(args.keys, args.events)
     work = Path(tempfile.mkdtemp(prefix="relay-bench-delivery-"))
-    (work / "key").write_text(KEY)
     sandbox_port, maxma_port = free_port(), free_port()
     sandbox_url = f"http://127.0.0.1:{sandbox_port}"
-    config = work / "relay.yaml"
-    config.write_text(
-        f"sources:\n  - name: {SOURCE}\n    token: ${{BENCH_TOKEN}}\n    connections:\n      - target: maxma\n"
-        f"        base_url: {sandbox_url}\n        processing_key: ${{file:key}}\n"
-        "        events:\n          client-created: new-client\n"
-    )
+    config = maxma_config(work, sandbox_url, SOURCE)
     broker = EmbeddedBroker().start()
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env = base_env | {
-        "RELAY_CONFIG": str(config),
-        "RELAY_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "RELAY_KAFKA__ENABLE_IDEMPOTENCE": "false",
-        "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{work}/relay.db",
-        "RELAY_LOG_LEVEL": "WARNING",
-        "RELAY_LOG_FORMAT": "json",
-        "RELAY_DELIVERY__MAX_IN_FLIGHT": str(args.in_flight),
-        "BENCH_TOKEN": TOKEN,
-    }
+    base_env = relay_env(config, broker.bootstrap_servers, work)
+    env = base_env | {"RELAY_DELIVERY__MAX_IN_FLIGHT": str(args.in_flight)}
     procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def spawn(name: str, *cli: str, port: int, proc_env: dict[str, str]) -> subprocess.Popen[bytes]:

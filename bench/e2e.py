@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,42 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from bench.stack import TOKEN, maxma_config, pct, relay_env, rss_mb, stop_proc, wait_http
 from services.common.embedded import EmbeddedBroker, free_port
 from services.common.httpclient import make_http_client
 from services.common.ledger import migrate
 from services.sandbox.samples import client_params
-
-TOKEN = "bench-token-0123456789abcdef"
-KEY = "bench-processing-key-0123456789"
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as c:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url, timeout=1)).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} not ready")
 
 
 async def kafka_hop(bootstrap: str, rate: float, count: int) -> list[float]:
@@ -102,24 +71,10 @@ async def kafka_hop(bootstrap: str, rate: float, count: int) -> list[float]:
 async def main(rate: float, seconds: float) -> int:
     count = int(rate * seconds)
     work = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    (work / "key").write_text(KEY)
     broker = EmbeddedBroker().start()
     sandbox_port, api_port, norm_port, maxma_port = (free_port() for _ in range(4))
-    config = work / "relay.yaml"
-    config.write_text(
-        "sources:\n  - name: bench\n    token: ${BENCH_TOKEN}\n    connections:\n      - target: maxma\n"
-        f"        base_url: http://127.0.0.1:{sandbox_port}\n        processing_key: ${{file:key}}\n"
-        "        events:\n          client-created: new-client\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")} | {
-        "RELAY_CONFIG": str(config),
-        "RELAY_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "RELAY_KAFKA__ENABLE_IDEMPOTENCE": "false",
-        "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{work}/relay.db",
-        "RELAY_LOG_LEVEL": "WARNING",
-        "RELAY_LOG_FORMAT": "json",
-        "BENCH_TOKEN": TOKEN,
-    }
+    config = maxma_config(work, f"http://127.0.0.1:{sandbox_port}")
+    env = relay_env(config, broker.bootstrap_servers, work)
     roles = {
         "sandbox-maxma": (["sandbox", "maxma", "--key-file", str(work / "key")], sandbox_port),
         "ingest-api": (["ingest", "api"], api_port),
@@ -184,10 +139,7 @@ async def main(rate: float, seconds: float) -> int:
         hop_ms = [h * 1000 for h in hop]
     finally:
         for p in procs.values():
-            p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(20)
+            stop_proc(p)
         broker.stop()
 
     p50, p99, h50, h99 = pct(e2e, 0.5), pct(e2e, 0.99), pct(hop_ms, 0.5), pct(hop_ms, 0.99)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,13 +25,12 @@ from urllib.parse import urlencode
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.e2e import pct, wait_http
+from bench.stack import TOKEN, log, maxma_config, pct, relay_env, stop_proc, wait_http
 from services.common.embedded import EmbeddedBroker, free_port, pdeathsig_preexec
 from services.common.httpclient import make_http_client
 from services.common.kafka import INBOX
 from services.sandbox.samples import client_params
 
-TOKEN = "bench-token-0123456789abcdef"
 EVENT = "client-created"
 OPEN_LOOP_CONNECTIONS = 2048
 QUERIES = 4096  # distinct prebuilt queries: building them must not cost the load generator CPU
@@ -66,35 +64,10 @@ uvicorn.run(
 """
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop_proc(p: subprocess.Popen[bytes], timeout: float = 25) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
-async def wait_status(url: str, status: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as c:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await c.get(url, timeout=1)).status_code == status:
-                    return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer {status}")
 
 
 async def closed_loop(http: httpx.AsyncClient, urls: list[str], seconds: float, concurrency: int) -> dict:
@@ -212,8 +185,7 @@ def make_urls(port: int) -> list[str]:
 
 async def main(seconds: float, rate: float, concurrency: int) -> int:
     work = Path(tempfile.mkdtemp(prefix="relay-bench-ingest-"))
-    config = work / "relay.yaml"
-    config.write_text("sources:\n  - name: bench\n    token: ${BENCH_TOKEN}\n")
+    config = maxma_config(work, None)
     (work / "bare.py").write_text(BARE_APP)
     api_port, bare_port = free_port(), free_port()
     broker = EmbeddedBroker()
@@ -231,14 +203,7 @@ async def main(seconds: float, rate: float, concurrency: int) -> int:
 
     try:
         broker.start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")} | {
-            "RELAY_CONFIG": str(config),
-            "RELAY_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "RELAY_KAFKA__ENABLE_IDEMPOTENCE": "false",
-            "RELAY_LOG_LEVEL": "WARNING",
-            "RELAY_LOG_FORMAT": "json",
-            "BENCH_TOKEN": TOKEN,
-        }
+        env = relay_env(config, broker.bootstrap_servers, work)
         api = spawn(
             "ingest-api",
             ["-m", "services.cli", "ingest", "api", "--host", "127.0.0.1", "--port", str(api_port)],
@@ -267,7 +232,7 @@ async def main(seconds: float, rate: float, concurrency: int) -> int:
         bare_env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
         bare = spawn("bare", [str(work / "bare.py"), "127.0.0.1", str(bare_port)], bare_env)
         bare_urls = make_urls(bare_port)
-        await wait_status(bare_urls[0], 202)
+        await wait_http(bare_urls[0], 202)
         async with make_http_client(concurrency) as http:
             log(f"bare endpoint: warm-up 1 s, then closed loop {seconds:.0f} s x {concurrency} workers")
             await closed_loop(http, bare_urls, 1, concurrency)

@@ -1,0 +1,89 @@
+"""What the benchmarks share: the embedded stack's config and environment, process and HTTP helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+TOKEN = "bench-token-0123456789abcdef"
+KEY = "bench-processing-key-0123456789"
+
+
+def maxma_config(work: Path, sandbox_url: str | None, source: str = "bench") -> Path:
+    """A config with one source and, if ``sandbox_url`` is given, its Maxma connection; secrets referenced."""
+    (work / "key").write_text(KEY)
+    text = f"sources:\n  - name: {source}\n    token: ${{BENCH_TOKEN}}\n"
+    if sandbox_url:
+        text += (
+            "    connections:\n      - target: maxma\n"
+            f"        base_url: {sandbox_url}\n        processing_key: ${{file:key}}\n"
+            "        events:\n          client-created: new-client\n"
+        )
+    config = work / "relay.yaml"
+    config.write_text(text)
+    return config
+
+
+def relay_env(config: Path, bootstrap: str, work: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `relay` role on the embedded stack (no RELAY_* of the caller leaks in)."""
+    return (
+        {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        | {
+            "RELAY_CONFIG": str(config),
+            "RELAY_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+            "RELAY_KAFKA__ENABLE_IDEMPOTENCE": "false",
+            "RELAY_DATABASE_URL": f"sqlite+aiosqlite:///{work}/relay.db",
+            "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_LOG_FORMAT": "json",
+            "BENCH_TOKEN": TOKEN,
+        }
+        | extra
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def stop_proc(p: subprocess.Popen[bytes], timeout: float = 25) -> None:
+    """SIGTERM, wait, then kill: a benchmark never leaves a process behind."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+async def wait_http(url: str, status: int = 200, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await c.get(url, timeout=1)).status_code == status:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer {status}")
