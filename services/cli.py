@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -71,11 +71,15 @@ def _serve(asgi: Any, host: str, port: int) -> None:
 
 
 @ingest_app.command("api")
-def ingest_api(host: HostOpt = "0.0.0.0", port: PortOpt = 8080) -> None:  # noqa: S104
-    """Receive webhooks and publish them to klientiks.inbox.v1."""
+def ingest_api(
+    host: HostOpt = "0.0.0.0",  # noqa: S104
+    port: PortOpt = 8080,
+    migrate: MigrateOpt = False,
+) -> None:
+    """Receive webhooks and publish them to klientiks.inbox.v1 (spooled in the ledger while Kafka is down)."""
     from services.ingest.api import create_api
 
-    _serve(create_api(_settings()), host, port)
+    _serve(create_api(_settings(), migrate=migrate), host, port)
 
 
 @ingest_app.command("normalizer")
@@ -119,6 +123,24 @@ def sandbox_maxma(
     configure_logging()
     keys = {key_file.read_text().strip()} if key_file else None
     _serve(create_maxma_app(processing_keys=keys), host, port)
+
+
+@sandbox_app.command("klientiks")
+def sandbox_klientiks(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8091,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the accepted access token.")] = None,
+    account_id: Annotated[str, typer.Option(help="Accepted account_id.")] = "21947",
+    user_id: Annotated[str, typer.Option(help="Accepted user_id.")] = "113421",
+    seed: Annotated[int, typer.Option(help="Seed of the generated clients and visits.")] = 1,
+) -> None:
+    """A fake Klientiks REST API (visits, clients) that answers like the real one and can be told to fail."""
+    from services.sandbox.klientiks import DEFAULT_ACCOUNT, SandboxAccount, create_klientiks_sandbox
+
+    configure_logging()
+    token = token_file.read_text().strip() if token_file else DEFAULT_ACCOUNT.access_token
+    account = SandboxAccount(account_id, user_id, token)
+    _serve(create_klientiks_sandbox([account], seed=seed), host, port)
 
 
 @app.command("broker")
@@ -226,29 +248,36 @@ def _print_urls(base_url: str, source: str, token: str) -> None:
 STATE = Path(".relay")
 ROLES: list[tuple[str, list[str], int]] = [
     ("sandbox-maxma", ["sandbox", "maxma"], 8090),
+    ("sandbox-klientiks", ["sandbox", "klientiks"], 8091),
     ("ingest-api", ["ingest", "api"], 8080),
     ("normalizer", ["ingest", "normalizer"], 8081),
     ("maxma", ["maxma"], 8082),
 ]
 
 
-def _demo_config(state: Path, sandbox_url: str) -> Path:
+def _demo_config(state: Path, sandbox_url: str, klientiks_url: str) -> Path:
     """Write the embedded demo config once; its secrets live in files beside it, never in the YAML."""
     secrets_dir = state / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("demo-token", "maxma-key"):
+    for name in ("demo-token", "maxma-key", "klientiks-token"):
         f = secrets_dir / name
         if not f.exists():
             f.write_text(secrets.token_urlsafe(24))
             f.chmod(0o600)
     path = state / "demo.yaml"
     path.write_text(
-        "# Written by `relay run`: one demo salon delivering to the sandbox Maxma.\n"
+        "# Written by `relay run`: one demo salon, thin webhooks completed from the sandbox Klientiks API,\n"
+        "# delivering to the sandbox Maxma.\n"
         "sources:\n"
         "  - name: demo-salon\n"
         "    token: ${file:secrets/demo-token}\n"
         "    timezone: Europe/Moscow\n"
         "    phone_region: RU\n"
+        "    klientiks:\n"
+        "      account_id: '21947'\n"
+        "      user_id: '113421'\n"
+        "      access_token: ${file:secrets/klientiks-token}\n"
+        f"      base_url: {klientiks_url}/clientix/Restapi\n"
         "    connections:\n"
         "      - target: maxma\n"
         f"        base_url: {sandbox_url}\n"
@@ -297,10 +326,11 @@ def run(
     STATE.mkdir(exist_ok=True)
     (STATE / "logs").mkdir(exist_ok=True)
     sandbox_port = next(p for name, _, p in ROLES if name == "sandbox-maxma")
+    klientiks_port = next(p for name, _, p in ROLES if name == "sandbox-klientiks")
     config = (
         Path(os.environ["RELAY_CONFIG"])
         if os.environ.get("RELAY_CONFIG")
-        else _demo_config(STATE, f"http://127.0.0.1:{sandbox_port}")
+        else _demo_config(STATE, f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{klientiks_port}")
     )
     env = dict(os.environ)
     env.update(RELAY_CONFIG=str(config.resolve()), RELAY_LOG_FORMAT="json")
@@ -319,14 +349,17 @@ def run(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, args, port in ROLES:
-            extra = ["--key-file", str(STATE / "secrets" / "maxma-key")] if name == "sandbox-maxma" else []
+            extra = {
+                "sandbox-maxma": ["--key-file", str(STATE / "secrets" / "maxma-key")],
+                "sandbox-klientiks": ["--token-file", str(STATE / "secrets" / "klientiks-token")],
+            }.get(name, [])
             procs[name] = _spawn(
                 [*args, "--port", str(port), "--host", "127.0.0.1", *extra],
                 env,
                 STATE / "logs" / f"{name}.log",
             )
         for name, _, port in ROLES:
-            probe = "/_sandbox/clients" if name == "sandbox-maxma" else "/readyz"
+            probe = "/_sandbox/clients" if name.startswith("sandbox-") else "/readyz"
             try:
                 _wait_ready(f"http://127.0.0.1:{port}{probe}", procs[name])
             except RuntimeError as e:
@@ -435,12 +468,17 @@ def demo(
 
 if TYPE_CHECKING:
     from services.common.ledger import Delivery, EventRecord, Ledger
-    from services.common.ops import DeadLetter, DlqFilter
+    from services.common.ops import DeadLetter, DlqFilter, Quarantined, QuarantineFilter
 
 dlq_app = typer.Typer(help="Dead letters: deliveries given up on, and replaying them.", no_args_is_help=True)
 events_app = typer.Typer(help="The event history kept in the ledger.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(events_app, name="events")
+quarantine_app = typer.Typer(
+    help="Inbox records the normalizer could not turn into events, and replaying them.",
+    no_args_is_help=True,
+)
+app.add_typer(quarantine_app, name="quarantine")
 
 TargetsOpt = Annotated[
     list[str] | None,
@@ -572,9 +610,6 @@ def dlq_replay(
 
     Safe to repeat: a delivery that has since succeeded is not made twice (the ledger keeps it delivered).
     """
-    from aiokafka.errors import KafkaError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from services.common.kafka import EVENTS
     from services.common.ops import replay
 
@@ -591,8 +626,32 @@ def dlq_replay(
         return
     if not yes:
         typer.confirm(f"Replay {len(found)} dead letter(s) to {EVENTS}?", abort=True)
-    # Idempotence stays off: Tansu cannot do it, and a duplicate replay is harmless (the ledger dedups).
-    config = {
+    count = _replay_with_progress(
+        settings,
+        len(found),
+        lambda bootstrap, on_progress, config: replay(
+            bootstrap, found, on_progress=on_progress, producer_config=config
+        ),
+        "delivered events are not delivered twice",
+    )
+    console.print(
+        f"replayed {count} dead letter(s) to {EVENTS} ({_per_target(found)}); the delivery services retry "
+        "them now. The dead letters stay in their DLQ topics: narrow a later replay with --since."
+    )
+
+
+def _replay_with_progress(
+    settings: Settings,
+    total: int,
+    run: Callable[[str, Callable[[int], None], dict[str, Any]], Coroutine[Any, Any, int]],
+    why_safe: str,
+) -> int:
+    """Run one replay under a progress bar; on a broker error say how far it got and exit 1."""
+    from aiokafka.errors import KafkaError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # Idempotence stays off: Tansu cannot do it, and a duplicate replay is harmless (event ids dedupe).
+    config: dict[str, Any] = {
         "client_id": f"{settings.kafka.client_id}-replay",
         "request_timeout_ms": settings.kafka.request_timeout_ms,
     }
@@ -600,7 +659,7 @@ def dlq_replay(
     with Progress(
         TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     ) as progress:
-        task = progress.add_task("replay", total=len(found))
+        task = progress.add_task("replay", total=total)
 
         def progress_to(n: int) -> None:
             nonlocal done
@@ -608,23 +667,184 @@ def dlq_replay(
             progress.update(task, completed=n)
 
         try:
-            count = asyncio.run(
-                replay(
-                    settings.kafka.bootstrap_servers, found, on_progress=progress_to, producer_config=config
-                )
-            )
+            return asyncio.run(run(settings.kafka.bootstrap_servers, progress_to, config))
         except (TimeoutError, KafkaError, OSError) as e:
             progress.stop()
             err.print(
-                f"replay stopped after {done} of {len(found)}: {e or type(e).__name__}; "
-                "running the same command again is safe (delivered events are not delivered twice)",
+                f"replay stopped after {done} of {total}: {e or type(e).__name__}; "
+                f"running the same command again is safe ({why_safe})",
                 style="red",
                 markup=False,
             )
             raise typer.Exit(1) from None
+
+
+QReasonOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--reason", help="Only this reason code (no_id, bad_body, unknown_source, ...); repeat for more."
+    ),
+]
+QSourceOpt = Annotated[list[str] | None, typer.Option("--source", help="Only this source; repeat for more.")]
+QEventOpt = Annotated[
+    list[str] | None,
+    typer.Option("--event", help="Only this webhook (client-created, ...); repeat for more."),
+]
+QSinceOpt = Annotated[
+    str | None,
+    typer.Option(help="Received at or after: an ISO time (UTC without an offset) or an age: 30m, 1h, 2d."),
+]
+QUntilOpt = Annotated[str | None, typer.Option(help="Received before: an ISO time or an age, as --since.")]
+QReadTimeoutOpt = Annotated[float, typer.Option(help="Seconds allowed to read the quarantine topic.")]
+
+
+def _quarantine_filter(
+    reason: list[str] | None,
+    source: list[str] | None,
+    event: list[str] | None,
+    since: str | None,
+    until: str | None,
+    event_id: str | None,
+) -> QuarantineFilter:
+    from services.common.ops import QuarantineFilter, parse_when
+
+    times: dict[str, datetime | None] = {}
+    for name, value in (("--since", since), ("--until", until)):
+        try:
+            times[name] = parse_when(value) if value else None
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=name) from None
+    return QuarantineFilter(
+        reasons=tuple(reason or ()),
+        sources=tuple(source or ()),
+        events=tuple(event or ()),
+        since=times["--since"],
+        until=times["--until"],
+        event_id=event_id,
+    )
+
+
+def _read_quarantined(settings: Settings, flt: QuarantineFilter, timeout: float) -> list[Quarantined]:
+    from aiokafka.errors import KafkaError
+
+    from services.common.kafka import QUARANTINE
+    from services.common.ops import read_quarantine
+
+    try:
+        return asyncio.run(read_quarantine(settings.kafka.bootstrap_servers, flt, timeout=timeout))
+    except (TimeoutError, KafkaError, OSError) as e:
+        err.print(
+            f"cannot read {QUARANTINE} from {settings.kafka.bootstrap_servers}: {e or type(e).__name__}; "
+            "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(1) from None
+
+
+def _quarantine_table(records: Sequence[Quarantined], params: bool = False) -> Table:
+    from services.common.ops import mask_text, quarantine_params
+
+    columns = ["Received (UTC)", "Source", "Webhook", "Event id", "Reason", "Detail"]
+    table = Table(*columns, *(["Parameters"] if params else []))
+    for c in table.columns:
+        c.overflow = "fold"
+    for q in records:
+        # Everything read from the record is masked: a bad_record may carry personal data in any field.
+        row = [
+            _utc(q.received_at),
+            *(mask_text(v) for v in (q.source, q.event, q.event_id, q.reason, q.detail)),
+        ]
+        if params:
+            row.append("\n".join(f"{k}={v}" for k, v in quarantine_params(q)))
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _per_reason(records: Sequence[Quarantined]) -> str:
+    from services.common.ops import mask_text
+
+    counts: dict[str, int] = {}
+    for q in records:
+        counts[q.reason or "none"] = counts.get(q.reason or "none", 0) + 1
+    return ", ".join(f"{mask_text(r)} {n}" for r, n in sorted(counts.items()))
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    reason: QReasonOpt = None,
+    source: QSourceOpt = None,
+    event: QEventOpt = None,
+    since: QSinceOpt = None,
+    until: QUntilOpt = None,
+    event_id: EventIdOpt = None,
+    params: Annotated[
+        bool, typer.Option("--params", help="Also show the request's parameters (personal data masked).")
+    ] = False,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")] = 50,
+    timeout: QReadTimeoutOpt = 30.0,
+) -> None:
+    """List quarantined inbox records, newest first (personal data masked)."""
+    flt = _quarantine_filter(reason, source, event, since, until, event_id)
+    found = _read_quarantined(_settings(), flt, timeout)
+    if not found:
+        console.print("no quarantined records match")
+        return
+    newest = sorted(found, key=lambda q: q.received_at, reverse=True)[:limit]
+    console.print(_quarantine_table(newest, params))
+    shown = f", showing the newest {len(newest)}" if len(newest) < len(found) else ""
+    console.print(f"{len(found)} quarantined record(s) match ({_per_reason(found)}){shown}")
+
+
+@quarantine_app.command("replay")
+def quarantine_replay(
+    reason: QReasonOpt = None,
+    source: QSourceOpt = None,
+    event: QEventOpt = None,
+    since: QSinceOpt = None,
+    until: QUntilOpt = None,
+    event_id: EventIdOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be replayed; publish nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    timeout: QReadTimeoutOpt = 30.0,
+) -> None:
+    """Put matching quarantined records back on the inbox, so the normalizer tries them again.
+
+    Fix the normalizer or the config first. Safe to repeat: a record keeps its event id, so an event is
+    never delivered twice.
+    """
+    from services.common.kafka import INBOX, QUARANTINE
+    from services.common.ops import distinct, replay_quarantine
+
+    settings = _settings()
+    flt = _quarantine_filter(reason, source, event, since, until, event_id)
+    found = _read_quarantined(settings, flt, timeout)
+    # A record quarantined again after an earlier replay is on the topic twice; it goes back once.
+    chosen = distinct(found)
+    if not chosen:
+        console.print("no quarantined records match; nothing to replay")
+        return
+    repeats = f"; {len(found) - len(chosen)} repeated id(s) counted once" if len(found) > len(chosen) else ""
+    console.print(f"{len(chosen)} quarantined record(s) match ({_per_reason(chosen)}){repeats}")
+    if dry_run:
+        console.print(_quarantine_table(chosen))
+        console.print(f"dry run: {len(chosen)} would be replayed to {INBOX}; nothing was published")
+        return
+    if not yes:
+        typer.confirm(f"Replay {len(chosen)} record(s) to {INBOX}?", abort=True)
+    count = _replay_with_progress(
+        settings,
+        len(chosen),
+        lambda bootstrap, on_progress, config: replay_quarantine(
+            bootstrap, chosen, on_progress=on_progress, producer_config=config
+        ),
+        "an event is never delivered twice",
+    )
     console.print(
-        f"replayed {count} dead letter(s) to {EVENTS} ({_per_target(found)}); the delivery services retry "
-        "them now. The dead letters stay in their DLQ topics: narrow a later replay with --since."
+        f"replayed {count} record(s) to {INBOX}; the normalizer tries them again now. They stay in "
+        f"{QUARANTINE}, and one that still fails is quarantined once more."
     )
 
 
@@ -714,6 +934,8 @@ def _print_event_header(record: EventRecord) -> None:
     status = f"quarantined: {record.quarantine_reason}" if record.quarantine_reason else "normalized"
     if not record.quarantine_reason and record.normalized is None:
         status = "not normalized"
+    if record.duplicate_of:
+        status = f"dropped: a repeat of {record.duplicate_of} inside the dedupe window"
     for name, value in (
         ("Source", record.source),
         ("Webhook", record.event),

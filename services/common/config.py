@@ -94,6 +94,8 @@ class SourceConfig(Strict):
     timezone: str = "Europe/Moscow"
     phone_region: str = "RU"
     klientiks: KlientiksApi | None = None
+    # Webhooks per second this source may send; unset: `ingest.rate_limit_per_s`.
+    rate_limit_per_s: float | None = Field(None, gt=0)
     connections: list[ConnectionConfig] = Field(default_factory=list)
 
     @field_validator("name")
@@ -188,6 +190,20 @@ class DeliverySettings(Strict):
         return v
 
 
+class IngestSettings(Strict):
+    """The ingest API and the normalizer."""
+
+    # Kafka must confirm a webhook within this long, or it goes to the spool (the issue caps it at 5 s).
+    publish_timeout_s: float = Field(5.0, gt=0, le=5)
+    # Webhooks per second per source token (token bucket); a source may set its own.
+    rate_limit_per_s: float = Field(100.0, gt=0)
+    rate_limit_burst: int = Field(200, ge=1)
+    # Identical webhooks received within this window become one event.
+    dedupe_window_s: float = Field(600.0, ge=0)
+    # Spooled webhooks published per round when Kafka is back.
+    spool_batch: int = Field(500, ge=1)
+
+
 class Settings(BaseSettings):
     """Process settings: the YAML file first, ``RELAY_*`` variables override (``RELAY_KAFKA__BOOTSTRAP_SERVERS``)."""
 
@@ -198,6 +214,7 @@ class Settings(BaseSettings):
     config: Path | None = None
     kafka: KafkaSettings = KafkaSettings()
     delivery: DeliverySettings = DeliverySettings()
+    ingest: IngestSettings = IngestSettings()
     database_url: str = "sqlite+aiosqlite:///relay.db"
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

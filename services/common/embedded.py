@@ -293,10 +293,22 @@ class EmbeddedBroker:
         tail = "\n".join(text.strip().splitlines()[-lines:])
         return f"; stderr:\n{tail}" if tail else "; stderr empty"
 
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open and nothing answers, as on a hung host."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`; the broker carries on with everything it held."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """Stop the broker (SIGINT, then SIGKILL after 3 s). Safe to call repeatedly."""
         proc, self._proc = self._proc, None
         if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a paused broker would not hear SIGINT
             if proc.poll() is None:
                 # SIGINT stops in ~0.1 s; SIGTERM waits ~5 s while clients are connected.
                 with contextlib.suppress(ProcessLookupError):

@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_BATCH = 500
+# Advisory lock id of the spool drainer (PostgreSQL): any constant the other code does not use.
+SPOOL_LOCK = 0x6B6C5350
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -157,6 +159,32 @@ class EventRow(Base):
     inbox: Mapped[str] = mapped_column(Text)
     normalized: Mapped[str | None] = mapped_column(Text, nullable=True)
     quarantine_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Set when the normalizer dropped this webhook as a repeat of another one inside the dedupe window.
+    duplicate_of: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class SpoolRow(Base):
+    """A webhook accepted while Kafka was unreachable, waiting to be published to the inbox in order."""
+
+    __tablename__ = "ingest_spool"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(String(64), unique=True)
+    kafka_key: Mapped[str] = mapped_column(Text)
+    record: Mapped[str] = mapped_column(Text)  # the InboxRecord as JSON
+    spooled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DedupeRow(Base):
+    """The normalizer's memory of recent webhooks: the first event of each identical request."""
+
+    __tablename__ = "ingest_dedupe"
+
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # Webhooks of one scope replace each other's state (an appointment's changes): see `claim_fingerprints`.
+    scope: Mapped[str] = mapped_column(String(400), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 @dataclass(frozen=True)
@@ -215,6 +243,27 @@ class EventRecord:
     inbox: str
     normalized: str | None
     quarantine_reason: str | None
+    duplicate_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Spooled:
+    seq: int
+    record_id: str
+    kafka_key: str
+    record: str
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One webhook as the dedupe window sees it."""
+
+    fingerprint: str
+    scope: str
+    event_id: str
+    received_at: datetime
+    # A state change (appointment-changed): an older different state of the scope stops counting as seen.
+    supersedes: bool = False
 
 
 def idempotency_key(target: str, connection: str, action: str, event_id: str) -> str:
@@ -332,6 +381,8 @@ _D = cast(Table, DeliveryRow.__table__)
 _A = cast(Table, AttemptRow.__table__)
 _P = cast(Table, ParkedRow.__table__)
 _E = cast(Table, EventRow.__table__)
+_S = cast(Table, SpoolRow.__table__)
+_F = cast(Table, DedupeRow.__table__)
 
 
 class Ledger:
@@ -430,14 +481,94 @@ class Ledger:
     async def add_event(
         self, *, id: str, source: str, event: str, received_at: datetime, client_id: str | None,
         phone: str | None, kafka_key: str | None, inbox: str, normalized: str | None,
-        quarantine_reason: str | None,
+        quarantine_reason: str | None, duplicate_of: str | None = None,
     ) -> None:  # fmt: skip
-        """Keep what arrived and what it became; a repeat of the same id changes nothing."""
+        """Keep what arrived and what it became; the same id again (a replay) records its new outcome."""
         await self._writes.submit(
             "event", id=id, source=source, event=event, received_at=received_at, client_id=client_id,
             phone_hash=phone_hash(phone) if phone else None, kafka_key=kafka_key, inbox=inbox,
-            normalized=normalized, quarantine_reason=quarantine_reason,
+            normalized=normalized, quarantine_reason=quarantine_reason, duplicate_of=duplicate_of,
         )  # fmt: skip
+
+    async def spool(self, *, record_id: str, kafka_key: str, record: str) -> None:
+        """Keep a webhook Kafka did not take; committed (with others queued meanwhile) before returning."""
+        await self._writes.submit("spool", record_id=record_id, kafka_key=kafka_key, record=record)
+
+    async def drain_spool(
+        self, publish: Callable[[list[Spooled]], Awaitable[None]], limit: int = 500
+    ) -> int | None:
+        """Hand the oldest spooled webhooks to ``publish``; delete them once it returns. Returns the count.
+
+        None: another process is draining (PostgreSQL only). One drainer at a time keeps the spool's
+        order; on PostgreSQL a transaction-scoped advisory lock elects it and a crash releases it.
+        """
+        async with self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                got = (
+                    await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SPOOL_LOCK})
+                ).scalar()
+                if not got:
+                    return None
+            rows = await conn.execute(select(_S).order_by(_S.c.seq).limit(limit))
+            batch = [Spooled(r.seq, r.record_id, r.kafka_key, r.record) for r in rows]
+            if batch:
+                await publish(batch)
+                await conn.execute(delete(_S).where(_S.c.seq.in_([b.seq for b in batch])))
+            return len(batch)
+
+    async def spool_depth(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(_S))).scalar_one())
+
+    async def claim_fingerprints(self, seen: Sequence[Seen], *, window_s: float) -> dict[str, str]:
+        """Remember these webhooks (in order); return {event id: first event id} for the repeats.
+
+        A webhook repeats another when their fingerprints match, their ids differ and they were received
+        within ``window_s`` of each other. The same id again is a redelivery, not a repeat: downstream
+        idempotency covers it, and a replay must pass.
+        """
+        if not seen:
+            return {}
+        window = timedelta(seconds=window_s)
+        repeats: dict[str, str] = {}
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(select(_F).where(_F.c.fingerprint.in_({s.fingerprint for s in seen})))
+            known: dict[str, tuple[str, str, datetime]] = {
+                r.fingerprint: (r.scope, r.event_id, r.received_at) for r in rows
+            }
+            changed: dict[str, Seen] = {}
+            superseded: dict[str, str] = {}  # scope -> the fingerprint that now stands for it
+            for s in seen:
+                prior = known.get(s.fingerprint)
+                if prior and prior[1] != s.event_id and abs(s.received_at - prior[2]) <= window:
+                    repeats[s.event_id] = prior[1]
+                    continue
+                if prior and prior[1] == s.event_id:
+                    continue
+                known[s.fingerprint] = (s.scope, s.event_id, s.received_at)
+                changed[s.fingerprint] = s
+                if s.supersedes:
+                    superseded[s.scope] = s.fingerprint
+                    for fp, (scope, _, _) in list(known.items()):
+                        if scope == s.scope and fp != s.fingerprint:
+                            del known[fp]
+                            changed.pop(fp, None)
+            for scope, fp in superseded.items():
+                await conn.execute(delete(_F).where(_F.c.scope == scope, _F.c.fingerprint != fp))
+            if changed:
+                ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(_F)
+                await conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=["fingerprint"],
+                        set_={c: ins.excluded[c] for c in ("scope", "event_id", "received_at")},
+                    ),
+                    [dict(fingerprint=s.fingerprint, scope=s.scope, event_id=s.event_id,
+                          received_at=s.received_at) for s in changed.values()],
+                )  # fmt: skip
+            # Forget what left the window; the index on received_at keeps this cheap.
+            newest = max(s.received_at for s in seen)
+            await conn.execute(delete(_F).where(_F.c.received_at < newest - 2 * window))
+        return repeats
 
     def _insert_ignore(self, table: Any, index: str) -> Any:
         ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
@@ -474,8 +605,25 @@ class Ledger:
         if unparks := by_kind.get("unpark"):
             await conn.execute(delete(_P).where(_P.c.idempotency_key.in_([o.args["key"] for o in unparks])))
         if events := by_kind.get("event"):
-            await conn.execute(self._insert_ignore(_E, "id"), [
-                {k: v for k, v in o.args.items() if k != "result"} for o in events
+            ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(_E)
+            outcome = (
+                "client_id",
+                "phone_hash",
+                "kafka_key",
+                "normalized",
+                "quarantine_reason",
+                "duplicate_of",
+            )
+            # The last of one id in this batch wins, as it would one transaction later.
+            rows = {o.args["id"]: {k: v for k, v in o.args.items() if k != "result"} for o in events}
+            await conn.execute(
+                ins.on_conflict_do_update(index_elements=["id"], set_={c: ins.excluded[c] for c in outcome}),
+                list(rows.values()),
+            )
+        if spools := by_kind.get("spool"):
+            await conn.execute(self._insert_ignore(_S, "record_id"), [
+                dict(record_id=o.args["record_id"], kafka_key=o.args["kafka_key"], record=o.args["record"],
+                     spooled_at=now) for o in spools
             ])  # fmt: skip
 
     async def _apply_begins(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
@@ -619,7 +767,7 @@ class Ledger:
         if row is None:
             return None
         return EventRecord(row.id, row.source, row.event, row.received_at, row.client_id, row.kafka_key,
-                           row.inbox, row.normalized, row.quarantine_reason)  # fmt: skip
+                           row.inbox, row.normalized, row.quarantine_reason, row.duplicate_of)  # fmt: skip
 
     async def find_events(
         self,
@@ -652,6 +800,7 @@ class Ledger:
                     r.inbox,
                     r.normalized,
                     r.quarantine_reason,
+                    r.duplicate_of,
                 )
                 for r in await conn.execute(q)
             ]

@@ -8,7 +8,7 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 WEBHOOKS = Counter(
     "relay_webhooks_received_total",
-    "Webhook requests by event and outcome (accepted, not_found, too_large, bad_request, unavailable).",
+    "Webhook requests by event and outcome (accepted, spooled, not_found, too_large, bad_request, rate_limited, unavailable).",
     ["event", "outcome"],
 )
 WEBHOOK_LATENCY = Histogram(
@@ -25,6 +25,13 @@ MISSING_VALUES = Counter(
     "relay_webhook_missing_values_total",
     "Parameters that arrived empty or as an unrendered placeholder (never sent on as data).",
     ["event", "field", "kind"],
+)
+SPOOL_DEPTH = Gauge(
+    "relay_ingest_spool_depth", "Webhooks accepted while Kafka was unreachable, not yet published."
+)
+SPOOLED = Counter("relay_ingest_spooled_total", "Webhooks written to the spool instead of Kafka.")
+DEDUPLICATED = Counter(
+    "relay_events_deduplicated_total", "Repeats of a webhook inside the dedupe window, dropped.", ["event"]
 )
 DELIVERIES = Counter(
     "relay_deliveries_total",
@@ -57,4 +64,14 @@ CONSUMER_LAG = Gauge(
     "relay_consumer_lag",
     "Records not yet committed: highwater - committed offset.",
     ["group", "topic", "partition"],
+)
+KLIENTIKS_REQUESTS = Counter(
+    "relay_klientiks_api_requests_total",
+    "Klientiks REST API requests by action and outcome (ok, not_found, unauthorized, rate_limited, ...).",
+    ["action", "outcome"],
+)
+ENRICHED = Counter(
+    "relay_events_enriched_total",
+    "Thin webhooks completed from the Klientiks API, by outcome.",
+    ["event", "outcome"],
 )

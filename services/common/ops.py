@@ -1,39 +1,49 @@
-"""Operator tooling shared by ``relay dlq`` and ``relay events``: dead letters, replay, masking for display.
+"""Operator tooling of ``relay dlq``, ``relay quarantine`` and ``relay events``: reading, replay, masking.
 
-Pure functions parse and filter; the two async functions are thin Kafka I/O. Nothing here commits offsets
-or joins a consumer group, so looking at a dead-letter topic never changes what a service will read.
+Pure functions parse and filter; the async functions are thin Kafka I/O. Nothing here commits offsets
+or joins a consumer group, so looking at a dead-letter or quarantine topic never changes what a service
+will read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.common.delivery.runtime import REPLAY_ACTION, REPLAY_CONNECTION, REPLAY_TARGET
 from services.common.dlq import PREFIX
 from services.common.events import header
-from services.common.kafka import EVENTS, dlq_topic
+from services.common.kafka import EVENTS, INBOX, QUARANTINE, dlq_topic
 from services.common.logging import mask_processor
 
 __all__ = [
+    "QUARANTINE_REPLAY_HEADER",
     "REPLAY_HEADERS",
     "DeadLetter",
     "DlqFilter",
+    "QuarantineFilter",
+    "Quarantined",
+    "distinct",
     "mask_data",
     "mask_pairs",
     "mask_text",
     "parse_when",
+    "quarantine_params",
     "read_dlq",
+    "read_quarantine",
     "replay",
     "replay_headers",
+    "replay_quarantine",
 ]
 
 REPLAY_HEADERS = (REPLAY_TARGET, REPLAY_CONNECTION, REPLAY_ACTION)
@@ -44,6 +54,10 @@ _IDLE_POLLS = 3
 _POLL_MS = 100
 # Sends in flight at once while replaying; aiokafka keeps them in order per partition.
 _REPLAY_WINDOW = 500
+# Marks an inbox record put back by `relay quarantine replay`, so logs and debugging can tell it apart.
+QUARANTINE_REPLAY_HEADER = ("relay-replay", b"quarantine")
+
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -190,6 +204,151 @@ def replay_headers(dl: DeadLetter) -> list[tuple[str, bytes]]:
     ]
 
 
+def _text_header(headers: Sequence[tuple[str, bytes]], name: str) -> str:
+    # Not events.header(): a quarantine header cut mid-character must not hide the record from the list.
+    return next((v.decode("utf-8", "replace") for k, v in headers if k == name), "")
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """One record of ``klientiks.quarantine.v1``: the raw inbox record and why the normalizer set it aside.
+
+    The inbox fields are read leniently (a ``bad_record`` may be anything); what cannot be read is empty.
+    ``query`` and ``body`` are raw personal data: display them only through :func:`quarantine_params`.
+    """
+
+    event_id: str
+    source: str
+    event: str
+    received_at: datetime  # the inbox record's, or the Kafka timestamp when it has none
+    reason: str
+    detail: str
+    method: str
+    query: str
+    content_type: str | None
+    body: str | None  # None when the body is not UTF-8 (the inbox record carries it as base64)
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    topic: str
+    partition: int
+    offset: int
+    timestamp: datetime
+
+    @classmethod
+    def from_record(cls, rec: Any) -> Quarantined:
+        """Parse an aiokafka ``ConsumerRecord``; never raises, as the record may be the unreadable kind."""
+        headers = tuple((k, bytes(v or b"")) for k, v in (rec.headers or ()))
+        value = bytes(rec.value or b"")
+        try:
+            loaded = json.loads(value)
+        except ValueError:
+            loaded = None
+        fields: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+
+        def text(name: str) -> str:
+            v = fields.get(name)
+            return v if isinstance(v, str) else ""
+
+        timestamp = datetime.fromtimestamp(rec.timestamp / 1000, UTC)
+        content_type = fields.get("content_type")
+        return cls(
+            event_id=text("id"),
+            source=text("source"),
+            event=text("event"),
+            received_at=_parse_time(text("received_at")) or timestamp,
+            reason=_text_header(headers, "reason"),
+            detail=_text_header(headers, "detail"),
+            method=text("method"),
+            query=text("query"),
+            content_type=content_type if isinstance(content_type, str) else None,
+            body=None if fields.get("body_b64") is not None else text("body"),
+            key=rec.key,
+            value=value,
+            headers=headers,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            timestamp=timestamp,
+        )
+
+
+@dataclass(frozen=True)
+class QuarantineFilter:
+    """Which quarantined records an operator means; an unset field matches everything.
+
+    Reasons, sources and webhook names match exactly, in any case. ``since`` is inclusive and ``until``
+    exclusive, both on the time the webhook was received.
+    """
+
+    reasons: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    since: datetime | None = None
+    until: datetime | None = None
+    event_id: str | None = None
+
+    def matches(self, q: Quarantined) -> bool:
+        def among(value: str, wanted: tuple[str, ...]) -> bool:
+            return not wanted or value.casefold() in {w.casefold() for w in wanted}
+
+        if not (among(q.reason, self.reasons) and among(q.source, self.sources)):
+            return False
+        if not among(q.event, self.events):
+            return False
+        if self.since is not None and q.received_at < _aware(self.since):
+            return False
+        if self.until is not None and q.received_at >= _aware(self.until):
+            return False
+        return not (self.event_id and q.event_id != self.event_id)
+
+
+def distinct(records: Iterable[Quarantined]) -> list[Quarantined]:
+    """The first of each record id, in the given order.
+
+    A replayed record that is quarantined again is on the topic twice, with the same id and value.
+    Records without a readable id count as the same when their key and value are.
+    """
+    seen: set[object] = set()
+    out: list[Quarantined] = []
+    for q in records:
+        ident: object = q.event_id or (q.key, q.value)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(q)
+    return out
+
+
+def _body_pairs(content_type: str | None, body: str) -> list[tuple[str, str]]:
+    # The ingest API's rules (services/ingest/parsing.py), but never raising: a bad body is why some
+    # records are here at all.
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype == "application/json" or (not ctype and body.lstrip().startswith("{")):
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            return [("(body)", body)]
+        if not isinstance(obj, dict):
+            return [("(body)", body)]
+        return [
+            (str(k), v if isinstance(v, str) else "" if v is None else json.dumps(v, ensure_ascii=False))
+            for k, v in obj.items()
+        ]
+    if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
+        return parse_qsl(body, keep_blank_values=True)
+    return [("(body)", body)]
+
+
+def quarantine_params(q: Quarantined) -> list[tuple[str, str]]:
+    """The request's parameters (query string, then body) with personal data and secrets masked."""
+    pairs = parse_qsl(q.query, keep_blank_values=True)
+    if q.body is None:
+        pairs.append(("(body)", "<not UTF-8>"))
+    elif q.body.strip():
+        pairs.extend(_body_pairs(q.content_type, q.body))
+    return mask_pairs(pairs)
+
+
 # ---------------------------------------------------------------------------------------------- Kafka I/O
 
 
@@ -207,6 +366,41 @@ async def read_dlq(
     TimeoutError when the topics cannot be read to their end within ``timeout`` seconds.
     """
     flt = flt or DlqFilter()
+
+    def keep(rec: Any) -> DeadLetter | None:
+        dl = DeadLetter.from_record(rec)
+        return dl if flt.matches(dl) else None
+
+    topics = list(dict.fromkeys(dlq_topic(t) for t in targets))
+    return await _read_topics(bootstrap, topics, keep, timeout)
+
+
+async def read_quarantine(
+    bootstrap: str,
+    flt: QuarantineFilter | None = None,
+    *,
+    timeout: float = 15.0,  # noqa: ASYNC109 - as read_dlq's
+) -> list[Quarantined]:
+    """Every matching record of klientiks.quarantine.v1, from its start to its end as of now.
+
+    In partition and offset order (one key's records keep their order). No consumer group and no
+    commits; a topic that does not exist yet is empty. Raise TimeoutError as :func:`read_dlq` does.
+    """
+    flt = flt or QuarantineFilter()
+
+    def keep(rec: Any) -> Quarantined | None:
+        q = Quarantined.from_record(rec)
+        return q if flt.matches(q) else None
+
+    return await _read_topics(bootstrap, [QUARANTINE], keep, timeout)
+
+
+async def _read_topics(
+    bootstrap: str,
+    topics: Sequence[str],
+    keep: Callable[[Any], _T | None],
+    timeout: float,  # noqa: ASYNC109
+) -> list[_T]:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -215,14 +409,14 @@ async def read_dlq(
         fetch_max_wait_ms=50,
         request_timeout_ms=max(1000, int(timeout * 1000)),
     )
-    found: list[DeadLetter] = []
+    found: list[_T] = []
     async with asyncio.timeout(timeout):
         await consumer.start()
         try:
             existing = await consumer.topics()
             tps = [
                 TopicPartition(topic, p)
-                for topic in dict.fromkeys(dlq_topic(t) for t in targets)
+                for topic in topics
                 if topic in existing
                 for p in sorted(consumer.partitions_for_topic(topic) or ())
             ]
@@ -230,7 +424,7 @@ async def read_dlq(
                 return []
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            found = await _read_to_end(consumer, tps, flt)
+            found = await _read_to_end(consumer, tps, keep)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
@@ -238,13 +432,14 @@ async def read_dlq(
 
 
 async def _read_to_end(
-    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], flt: DlqFilter
-) -> list[DeadLetter]:
+    consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition], keep: Callable[[Any], _T | None]
+) -> list[_T]:
     # The end of each partition is its first known highwater: records that arrive later are not ours.
     ends: dict[TopicPartition, int] = {}
     idle: dict[TopicPartition, int] = dict.fromkeys(tps, 0)
+    order = {tp: i for i, tp in enumerate(tps)}
     pending = set(tps)
-    found: list[DeadLetter] = []
+    found: list[tuple[int, int, _T]] = []
     while pending:
         batch = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
         for tp in list(pending):
@@ -254,16 +449,18 @@ async def _read_to_end(
             for rec in records:
                 if tp in ends and rec.offset >= ends[tp]:
                     continue
-                dl = DeadLetter.from_record(rec)
-                if flt.matches(dl):
-                    found.append(dl)
+                item = keep(rec)
+                if item is not None:
+                    found.append((order[tp], rec.offset, item))
             idle[tp] = 0 if records else idle[tp] + 1
             if tp in ends and (await consumer.position(tp) >= ends[tp] or idle[tp] >= _IDLE_POLLS):
                 pending.discard(tp)
                 consumer.pause(tp)
-    order = {tp: i for i, tp in enumerate(tps)}
-    found.sort(key=lambda d: (order[TopicPartition(d.topic, d.partition)], d.offset))
-    return found
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [item for _, _, item in found]
+
+
+_Send = tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]  # topic, value, key, headers
 
 
 async def replay(
@@ -279,13 +476,40 @@ async def replay(
     events keep their order. ``producer_config`` adds aiokafka options (client_id, timeouts); acks is
     always "all".
     """
+    sends = ((EVENTS, dl.value, dl.key, replay_headers(dl)) for dl in dead_letters)
+    return await _publish(bootstrap, sends, on_progress, producer_config)
+
+
+async def replay_quarantine(
+    bootstrap: str,
+    records: Sequence[Quarantined],
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    producer_config: Mapping[str, Any] | None = None,
+) -> int:
+    """Put quarantined records back on klientiks.inbox.v1 for the normalizer; return how many.
+
+    Each value goes unchanged under its original key (so to its original partition), in the given
+    order, with only the ``relay-replay: quarantine`` header. A record id given twice is published once
+    (:func:`distinct`). ``on_progress`` and ``producer_config`` are as for :func:`replay`.
+    """
+    sends = ((INBOX, q.value, q.key, [QUARANTINE_REPLAY_HEADER]) for q in distinct(records))
+    return await _publish(bootstrap, sends, on_progress, producer_config)
+
+
+async def _publish(
+    bootstrap: str,
+    sends: Iterable[_Send],
+    on_progress: Callable[[int], None] | None,
+    producer_config: Mapping[str, Any] | None,
+) -> int:
     producer = AIOKafkaProducer(**{**(producer_config or {}), "bootstrap_servers": bootstrap, "acks": "all"})
     await producer.start()
     done = 0
     try:
         window: list[asyncio.Future[Any]] = []
-        for dl in dead_letters:
-            window.append(await producer.send(EVENTS, dl.value, key=dl.key, headers=replay_headers(dl)))
+        for topic, value, key, headers in sends:
+            window.append(await producer.send(topic, value, key=key, headers=headers))
             if len(window) >= _REPLAY_WINDOW:
                 done = await _settle(window, done, on_progress)
         done = await _settle(window, done, on_progress)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
-from decimal import Decimal, InvalidOperation
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
 
@@ -33,9 +33,31 @@ class ParamsError(ValueError):
 
 # Seed templates are copied with mistakes: `{appointment.status}}`, `{{#new_data}}{{status}}{{/new_data}}`, ...
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|^\{[#/^]?[A-Za-z_][A-Za-z0-9_.]*\}$")
-_TRUE = {"1", "true", "t", "yes", "y", "on", "да", "д", "истина"}
-_FALSE = {"0", "false", "f", "no", "n", "off", "нет", "н", "ложь", "null", "none"}
+_TRUE = {"1", "true", "t", "yes", "y", "on", "да", "д", "истина", "оплачен", "оплачено", "оплачена", "paid"}
+_FALSE = {
+    "0", "false", "f", "no", "n", "off", "нет", "н", "ложь", "null", "none",
+    "не оплачен", "не оплачено", "не оплачена", "неоплачен", "неоплачено", "неоплачена", "unpaid", "not paid",
+}  # fmt: skip
 _CLICK_IDS = {"gclid", "yclid", "fbclid", "ymclid", "ttclid", "vkclid", "msclkid", "ad_id", "adid"}
+
+# ASCII digits only: `\d` would also take Arabic-Indic or full-width digits no Klientiks field ever holds.
+_DATE_PART = (
+    r"(?:(?P<y>[0-9]{4})-(?P<m>[0-9]{1,2})-(?P<d>[0-9]{1,2})"
+    r"|(?P<d2>[0-9]{1,2})(?P<sep>[./])(?P<m2>[0-9]{1,2})(?P=sep)(?P<y2>[0-9]{4}))"
+)
+_TIME_PART = r"(?P<H>[0-9]{1,2}):(?P<M>[0-9]{2})(?::(?P<S>[0-9]{2})(?:[.,](?P<frac>[0-9]{1,9}))?)?"
+_OFFSET_PART = r"(?P<tz>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)"
+_DATETIME = re.compile(rf"{_DATE_PART}(?:(?:[Tt]|[ \t]+){_TIME_PART}[ \t]*{_OFFSET_PART}?)?")
+_TIME = re.compile(_TIME_PART)
+# Whole groups of three only, so `12 34` (two numbers?) is not read as 1234; no exponent, NaN or Infinity.
+_GROUP_SEP = "[ \u00a0\u2007\u2009\u202f]"
+_MONEY = re.compile(
+    rf"(?P<sign>[-\u2212])?(?P<int>[0-9]{{1,3}}(?:{_GROUP_SEP}[0-9]{{3}})+|[0-9]+)(?:[.,](?P<frac>[0-9]+))?"
+    r"\s*(?:₽|руб\.?|р\.?|rub)?",
+    re.IGNORECASE,
+)
+_PATRONYMIC = re.compile(r"(?:вич|вна|ична|инична|ич)$", re.IGNORECASE)
+_NAME_WORD = re.compile(r"[^\W\d_]+(?:[-'’][^\W\d_]+)*")
 
 # Parameters the parser knows; anything else goes to `extra`.
 KNOWN = {
@@ -63,6 +85,8 @@ def request_params(query: str, content_type: str | None, body: bytes) -> list[tu
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise ParamsError(f"the JSON body is malformed at line {e.lineno}, column {e.colno}") from None
+        except (ValueError, RecursionError):  # an integer over 4,300 digits; arrays nested thousands deep
+            raise ParamsError("the JSON body is too deeply nested or has a number too long to read") from None
         if not isinstance(obj, dict):
             raise ParamsError("the JSON body must be an object of parameters")
         for k, v in obj.items():
@@ -119,7 +143,10 @@ def routing_key(source: str, params: Params) -> str:
 
 
 def normalize_phone(raw: str, region: str) -> str | None:
-    """E.164 or None. Klientiks sends `79991234567`, `8 (999) 123-45-67`, `+7 999 ...`."""
+    """E.164 of a valid number, else None. Klientiks sends `79991234567`, `8 (999) 123-45-67`, `+7 999 ...`.
+
+    Only `is_valid_number` counts: a merely possible number (right length, unassigned block) is refused.
+    """
     digits = re.sub(r"\D", "", raw)
     if len(digits) < 7:
         return None
@@ -130,12 +157,15 @@ def normalize_phone(raw: str, region: str) -> str | None:
         except phonenumbers.NumberParseException:
             continue
         if phonenumbers.is_valid_number(n):
-            return str(phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164))
+            e164 = str(phonenumbers.format_number(n, phonenumbers.PhoneNumberFormat.E164))
+            # libphonenumber accepts a few 16-digit service numbers (+49 180 ...); E.164 stops at 15 digits.
+            return e164 if len(e164) <= 16 else None
     return None
 
 
 def parse_bool(raw: str) -> bool | None:
-    v = raw.strip().lower()
+    """`1/0`, `true/false`, `да/нет`, `yes/no`, `on/off`, `оплачен/не оплачен`, `paid/unpaid`, ...; else None."""
+    v = " ".join(raw.lower().split())
     if v in _TRUE:
         return True
     if v in _FALSE:
@@ -144,44 +174,68 @@ def parse_bool(raw: str) -> bool | None:
 
 
 def parse_money(raw: str) -> Decimal | None:
-    v = raw.replace("\u00a0", "").replace(" ", "").replace("₽", "").replace("руб.", "").replace("руб", "")
-    v = v.replace(",", ".")
-    try:
-        d = Decimal(v)
-    except InvalidOperation:
+    """`1500`, `1 500,50`, `1500.5 руб.`, `1 500 ₽`, `-200` (a refund) as given, scale kept; else None."""
+    m = _MONEY.fullmatch(raw.strip())
+    if m is None:
         return None
-    return d if d.is_finite() else None
+    whole = re.sub(_GROUP_SEP, "", m["int"])
+    return Decimal(("-" if m["sign"] else "") + whole + ("." + m["frac"] if m["frac"] else ""))
+
+
+def _time_of(m: re.Match[str]) -> time:
+    """The time groups of a match; ValueError when out of range (`25:00`)."""
+    micro = int((m["frac"] or "")[:6].ljust(6, "0"))
+    return time(int(m["H"]), int(m["M"]), int(m["S"] or 0), micro)
+
+
+def _date_and_time(raw: str) -> tuple[date, time | None] | None:
+    """A date with the time written after it, if any (aware when an offset was written too)."""
+    m = _DATETIME.fullmatch(raw.strip())
+    if m is None:
+        return None
+    try:
+        if m["y"]:
+            d = date(int(m["y"]), int(m["m"]), int(m["d"]))
+        else:
+            d = date(int(m["y2"]), int(m["m2"]), int(m["d2"]))
+        if m["H"] is None:
+            return d, None
+        t = _time_of(m)
+        if tz := m["tz"]:
+            hh, mm = (0, 0) if tz.upper() == "Z" else (int(tz[1:3]), int(tz[3:].lstrip(":") or 0))
+            offset = timedelta(hours=hh, minutes=mm)
+            t = t.replace(tzinfo=timezone(-offset if tz[0] == "-" else offset))
+        return d, t
+    except ValueError:  # 31.02, 24:00, an offset of a day or more
+        return None
 
 
 def parse_date(raw: str) -> date | None:
-    v = raw.strip()[:10]
-    for fmt in ("%Y-%m-%d", "%d.%m.%Y", "%d/%m/%Y"):
-        try:
-            return datetime.strptime(v, fmt).date()
-        except ValueError:
-            continue
-    return None
+    """`2024-03-15`, `15.03.2024`, `15/03/2024`, also with a time after it; anything else is None."""
+    parsed = _date_and_time(raw)
+    return parsed[0] if parsed else None
 
 
 def parse_time(raw: str) -> time | None:
-    for fmt in ("%H:%M:%S", "%H:%M"):
-        try:
-            return datetime.strptime(raw.strip(), fmt).time()
-        except ValueError:
-            continue
-    return None
+    m = _TIME.fullmatch(raw.strip())
+    if m is None:
+        return None
+    try:
+        return _time_of(m)
+    except ValueError:
+        return None
 
 
 def parse_datetime(raw: str, zone: ZoneInfo) -> datetime | None:
-    """`2021-09-28 19:26:04.295301` (Klientiks, local time), ISO 8601, or a date alone."""
-    v = raw.strip().replace("T", " ")
-    try:
-        dt = datetime.fromisoformat(v)
-    except ValueError:
-        d = parse_date(v)
-        if d is None:
-            return None
-        dt = datetime.combine(d, time())
+    """`2021-09-28 19:26:04.295301` (Klientiks, local time), ISO 8601, or a date alone.
+
+    Without an offset the time is the source's local time; an explicit offset is kept.
+    """
+    parsed = _date_and_time(raw)
+    if parsed is None:
+        return None
+    d, t = parsed
+    dt = datetime.combine(d, t or time())
     return dt if dt.tzinfo else dt.replace(tzinfo=zone)
 
 
@@ -189,7 +243,7 @@ def split_services(raw: str) -> list[str]:
     if raw.startswith("["):
         try:
             items = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             items = None
         if isinstance(items, list):
             return [str(i).strip() for i in items if str(i).strip()]
@@ -199,6 +253,29 @@ def split_services(raw: str) -> list[str]:
 def join_name(*parts: str | None) -> str | None:
     words = [p for p in parts if p]
     return " ".join(words) or None
+
+
+def split_name(full: str) -> tuple[str | None, str | None, str | None] | None:
+    """(last, first, patronymic) read from a full name, or None when its order cannot be told.
+
+    The rule: one word is a first name. Three words are `last first patronymic` when only the last one ends
+    like a Russian patronymic (-вич, -вна, -ична, -инична, -ич), and `first patronymic last` when only the
+    middle one does. Two words (`Анна Иванова` or `Иванова Анна`?), three words with no or two such endings,
+    four or more words, and words that are not letters (digits, braces, ...) stay only in the full name.
+    """
+    words = full.split()
+    if not words or not all(_NAME_WORD.fullmatch(w) for w in words):
+        return None
+    if len(words) == 1:
+        return None, words[0], None
+    if len(words) == 3:
+        a, b, c = words
+        middle, last = bool(_PATRONYMIC.search(b)), bool(_PATRONYMIC.search(c))
+        if last and not middle:
+            return a, b, c
+        if middle and not last:
+            return c, a, b
+    return None
 
 
 @dataclass(frozen=True)
@@ -215,33 +292,24 @@ class Rejected:
     detail: str
 
 
-def _client(p: Params, region: str, invalid: list[tuple[str, str]]) -> Client | None:
-    phone = None
-    if raw := p.get("client_phone"):
-        phone = normalize_phone(raw, region)
-        if phone is None:
-            invalid.append(("client_phone", "invalid"))
-    email = p.get("client_email")
-    if email and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", email):
-        invalid.append(("client_email", "invalid"))
-        email = None
-    deleted = parse_bool(p.get("client_deleted") or "")
-    first, last, patronymic = (
-        p.get("client_first_name"),
-        p.get("client_second_name"),
-        p.get("client_patron_name"),
-    )
-    client = Client(
-        id=p.get("client_id"),
-        full_name=p.get("client_name") or join_name(last, first, patronymic),
-        first_name=first,
-        last_name=last,
-        patronymic=patronymic,
-        phone=phone,
-        email=email,
-        deleted=deleted,
-    )
-    return client if client.model_dump(exclude_none=True) else None
+def _phone(p: Params, key: str, region: str, invalid: list[tuple[str, str]]) -> str | None:
+    raw = p.get(key)
+    if raw is None:
+        return None
+    phone = normalize_phone(raw, region)
+    if phone is None:
+        invalid.append((key, "invalid"))
+    return phone
+
+
+def _bool(p: Params, key: str, invalid: list[tuple[str, str]]) -> bool | None:
+    raw = p.get(key)
+    if raw is None:
+        return None
+    value = parse_bool(raw)
+    if value is None:
+        invalid.append((key, "invalid"))
+    return value
 
 
 def _money(p: Params, key: str, invalid: list[tuple[str, str]]) -> Decimal | None:
@@ -254,29 +322,83 @@ def _money(p: Params, key: str, invalid: list[tuple[str, str]]) -> Decimal | Non
     return value
 
 
+def _is_email(value: str) -> bool:
+    """`[^@\\s]+@[^@\\s]+\\.[^@\\s]+` without a regex: that one backtracks quadratically on long junk."""
+    local, at, domain = value.partition("@")
+    return bool(
+        at and local and "@" not in domain and not any(c.isspace() for c in value) and "." in domain[1:-1]
+    )
+
+
+def _client(p: Params, region: str, invalid: list[tuple[str, str]]) -> Client | None:
+    phone = _phone(p, "client_phone", region, invalid)
+    email = p.get("client_email")
+    if email and not _is_email(email):
+        invalid.append(("client_email", "invalid"))
+        email = None
+    deleted = _bool(p, "client_deleted", invalid)
+    full = p.get("client_name")
+    given = (p.get("client_second_name"), p.get("client_first_name"), p.get("client_patron_name"))
+    last, first, patronymic = given
+    derived = split_name(full) if full else None
+    # A part read from the full name only fills a gap, and only if it agrees with every part that was sent.
+    if derived and all(
+        g is None or d is None or g.casefold() == d.casefold() for g, d in zip(given, derived, strict=True)
+    ):
+        last, first, patronymic = (g or d for g, d in zip(given, derived, strict=True))
+    client = Client(
+        id=p.get("client_id"),
+        full_name=full or join_name(last, first, patronymic),
+        first_name=first,
+        last_name=last,
+        patronymic=patronymic,
+        phone=phone,
+        email=email,
+        deleted=deleted,
+    )
+    return client if client.model_dump(exclude_none=True) else None
+
+
+def _start(p: Params, zone: ZoneInfo, invalid: list[tuple[str, str]]) -> datetime | None:
+    """appointment_date (with or without a time in it) and appointment_time, on the source's clock."""
+    given_time = None
+    if raw_time := p.get("appointment_time"):
+        given_time = parse_time(raw_time)
+        if given_time is None:
+            invalid.append(("appointment_time", "invalid"))
+    raw_date = p.get("appointment_date")
+    if raw_date is None:
+        return None
+    parsed = _date_and_time(raw_date)
+    if parsed is None:
+        invalid.append(("appointment_date", "invalid"))
+        return None
+    d, t = parsed
+    if t is not None and t.tzinfo is not None:
+        try:  # the same instant, read on the source's clock
+            local = datetime.combine(d, t).astimezone(zone)
+        except (OverflowError, ValueError):  # year 1 or 9999 pushed out of range by the offset
+            invalid.append(("appointment_date", "invalid"))
+            return None
+        d, t = local.date(), local.time()
+    # appointment_time wins over a time inside appointment_date: it is the field made for the start time,
+    # while a date column that happens to carry a time may hold a default (00:00:00) or the booking moment.
+    return datetime.combine(d, given_time or t or time(), tzinfo=zone)
+
+
 def _appointment(
     p: Params, event: EventName, zone: ZoneInfo, region: str, invalid: list[tuple[str, str]]
 ) -> Appointment | None:
-    start = None
-    if raw_date := p.get("appointment_date"):
-        raw_time = p.get("appointment_time")
-        d, t = parse_date(raw_date), parse_time(raw_time or "") or time()
-        if raw_time and parse_time(raw_time) is None:
-            invalid.append(("appointment_time", "invalid"))
-        if d is None:
-            invalid.append(("appointment_date", "invalid"))
-        else:
-            start = datetime.combine(d, t, tzinfo=zone)
+    start = _start(p, zone, invalid)
     created = None
     if raw_created := p.get("appointment_created"):
         created = parse_datetime(raw_created, zone)
         if created is None:
             invalid.append(("appointment_created", "invalid"))
-    executor = None
-    if p.get("executor_name") or p.get("executor_phone"):
-        ex_phone = normalize_phone(p.get("executor_phone") or "", region) if p.get("executor_phone") else None
-        executor = Person(name=p.get("executor_name"), phone=ex_phone)
-    paid = parse_bool(p.get("appointment_paid") or "") if event is not EventName.INVOICE_CREATED else None
+    ex_name, ex_phone = p.get("executor_name"), _phone(p, "executor_phone", region, invalid)
+    executor = Person(name=ex_name, phone=ex_phone) if ex_name or ex_phone else None
+    # In invoice-created appointment_paid is the invoice's: read (and reported) there, not twice.
+    paid = _bool(p, "appointment_paid", invalid) if event is not EventName.INVOICE_CREATED else None
     services = split_services(p.get("services") or "")
     if any(is_placeholder(s) for s in services):  # `Стрижка, {service.name}`: a leftover is never data
         services = [s for s in services if not is_placeholder(s)]
@@ -306,7 +428,7 @@ def _invoice(p: Params, event: EventName, invalid: list[tuple[str, str]]) -> Inv
         amount=_money(p, "appointment_amount", invalid),
         paid_sum=_money(p, "appointment_paid_sum", invalid),
         left_to_pay=_money(p, "appointment_left_to_pay", invalid),
-        paid=parse_bool(p.get("appointment_paid") or ""),
+        paid=_bool(p, "appointment_paid", invalid),
     )
 
 

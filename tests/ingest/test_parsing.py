@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -18,12 +18,10 @@ from zoneinfo import ZoneInfo
 
 import phonenumbers
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
+from services.common.events import Client
 from services.ingest.inbox import InboxRecord
 from services.ingest.parsing import (
-    KNOWN,
     Normalized,
     Params,
     ParamsError,
@@ -38,6 +36,7 @@ from services.ingest.parsing import (
     parse_money,
     parse_time,
     request_params,
+    split_name,
     split_services,
 )
 
@@ -127,18 +126,6 @@ def value_json(n: Normalized) -> dict[str, Any]:
     return data
 
 
-def strings_in(node: Any) -> Iterator[str]:
-    """Every string value in a JSON document (dict keys are names, not data, and are skipped)."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for v in node.values():
-            yield from strings_in(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from strings_in(v)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # request_params
 
@@ -216,6 +203,18 @@ def test_request_params_non_utf8_body() -> None:
     body = "client_name=Иванова".encode("cp1251")
     with pytest.raises(ParamsError, match="not UTF-8"):
         request_params("", "application/x-www-form-urlencoded", body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"client_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in json.loads
+        b'{"client_id": ' + b"1" * 5000 + b"}",  # ValueError: over the 4,300-digit int limit
+    ],
+)
+def test_request_params_json_python_cannot_read_is_a_params_error(body: bytes) -> None:
+    with pytest.raises(ParamsError, match="JSON body"):
+        request_params("", "application/json", body)
 
 
 def test_request_params_unsupported_content_type_says_what_to_send() -> None:
@@ -348,15 +347,44 @@ def test_normalize_phone_invalid_is_none(raw: str) -> None:
     assert normalize_phone(raw, "RU") is None
 
 
+def test_normalize_phone_refuses_what_e164_cannot_hold() -> None:
+    # libphonenumber calls this German service number valid, but it has 16 digits.
+    assert normalize_phone("+49 18000 000000000", "RU") is None
+
+
+def test_unassigned_russian_block_is_not_a_phone() -> None:
+    assert normalize_phone("79300000000", "RU") is None
+    assert normalize_phone("+7 (930) 123-45-67", "RU") == "+79301234567"
+
+
 @pytest.mark.parametrize(
-    "raw", ["1", "true", "True", "t", "yes", "Y", "on", "да", "Да", "ДА", "д", "истина", " 1 "]
+    "raw",
+    [
+        *("1", "true", "True", "t", "yes", "Y", "on", "да", "Да", "ДА", "д", "истина", " 1 "),
+        *("TRUE", "tRuE", "T", "YES", "On", "ON", "оплачен", "Оплачено", "оплачена", "paid", "PAID"),
+    ],
 )
 def test_parse_bool_true(raw: str) -> None:
     assert parse_bool(raw) is True
 
 
 @pytest.mark.parametrize(
-    "raw", ["0", "false", "FALSE", "f", "no", "n", "off", "нет", "Нет", "н", "ложь", "null", "None"]
+    "raw",
+    [
+        *("0", "false", "FALSE", "f", "no", "n", "off", "нет", "Нет", "н", "ложь", "null", "None"),
+        *(
+            "False",
+            "F",
+            "No",
+            "OFF",
+            "НЕТ",
+            "не оплачен",
+            "Не  оплачено",
+            "не\u00a0оплачена",
+            "unpaid",
+            "Unpaid",
+        ),
+    ],
 )
 def test_parse_bool_false(raw: str) -> None:
     assert parse_bool(raw) is False
@@ -378,6 +406,15 @@ def test_parse_bool_unknown_is_none(raw: str) -> None:
         ("2500₽", Decimal("2500")),
         ("2 500 руб.", Decimal("2500")),
         ("0", Decimal("0")),
+        ("1500", Decimal("1500")),
+        ("1500.5 руб.", Decimal("1500.5")),
+        ("1 500 ₽", Decimal("1500")),
+        ("-200", Decimal("-200")),  # a refund
+        ("\u2212200 руб", Decimal("-200")),  # a typographic minus
+        ("1\u2009500,50", Decimal("1500.50")),  # thin space
+        ("1\u202f500\u00a0₽", Decimal("1500")),  # narrow no-break space
+        ("12 345 678,9", Decimal("12345678.9")),
+        ("0.125", Decimal("0.125")),  # not rounded to kopecks
     ],
 )
 def test_parse_money(raw: str, value: Decimal) -> None:
@@ -387,7 +424,12 @@ def test_parse_money(raw: str, value: Decimal) -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", ["", "abc", "две тысячи", "NaN", "nan", "sNaN", "Infinity", "-Infinity", "inf"]
+    "raw",
+    [
+        *("", "abc", "две тысячи", "NaN", "nan", "sNaN", "Infinity", "-Infinity", "inf"),
+        *("1e3", "1E3", "1.5e2", "2500e-2", "0x10", "1_500"),  # exponents and Python-only spellings
+        *("12 34", "1,500.50", "1.500,50", "1500.", ".5", "--200", "+-200", "1500 $", "1500 руб 50 коп"),
+    ],
 )
 def test_parse_money_junk_is_none(raw: str) -> None:
     assert parse_money(raw) is None
@@ -400,13 +442,17 @@ def test_parse_money_junk_is_none(raw: str) -> None:
         ("15.03.2024", date(2024, 3, 15)),
         ("15/03/2024", date(2024, 3, 15)),
         ("2024-03-15 19:30:00", date(2024, 3, 15)),
+        ("15.03.2024 19:30", date(2024, 3, 15)),
+        ("2024-03-15T19:30:00+05:00", date(2024, 3, 15)),
     ],
 )
 def test_parse_date(raw: str, value: date) -> None:
     assert parse_date(raw) == value
 
 
-@pytest.mark.parametrize("raw", ["", "вчера", "2024-13-01", "32.01.2024"])
+@pytest.mark.parametrize(
+    "raw", ["", "вчера", "2024-13-01", "32.01.2024", "2024-03-15 вечером", "2024-03-15abc", "15.03/2024"]
+)
 def test_parse_date_junk(raw: str) -> None:
     assert parse_date(raw) is None
 
@@ -416,6 +462,8 @@ def test_parse_time() -> None:
     assert parse_time(" 09:05:07 ") == time(9, 5, 7)
     assert parse_time("25:00") is None
     assert parse_time("вечером") is None
+    assert parse_time("19:30:00.5") == time(19, 30, 0, 500000)
+    assert parse_time("19:30 вечера") is None
 
 
 def test_parse_datetime_klientiks_format_is_local_time_in_the_given_zone() -> None:
@@ -440,6 +488,13 @@ def test_parse_datetime_keeps_an_explicit_offset() -> None:
     assert dt.utcoffset() == timedelta(hours=5)
 
 
+@pytest.mark.parametrize(
+    "raw", ["2024-05-01 14:30", "01.05.2024 14:30:00", "2024-05-01T14:30:00", "01/05/2024 14:30"]
+)
+def test_parse_datetime_keeps_the_time_of_every_date_spelling(raw: str) -> None:
+    assert parse_datetime(raw, MSK) == datetime(2024, 5, 1, 14, 30, tzinfo=MSK)
+
+
 def test_parse_datetime_date_alone_and_junk() -> None:
     assert parse_datetime("28.09.2021", MSK) == datetime(2021, 9, 28, tzinfo=MSK)
     assert parse_datetime("когда-то", MSK) is None
@@ -458,6 +513,39 @@ def test_parse_datetime_date_alone_and_junk() -> None:
 )
 def test_split_services(raw: str, items: list[str]) -> None:
     assert split_services(raw) == items
+
+
+@pytest.mark.parametrize(
+    ("full", "parts"),
+    [
+        ("Анна", (None, "Анна", None)),
+        ("Иванова Анна Сергеевна", ("Иванова", "Анна", "Сергеевна")),
+        ("Анна Сергеевна Иванова", ("Иванова", "Анна", "Сергеевна")),
+        ("Петров Иван Ильич", ("Петров", "Иван", "Ильич")),
+        ("Ульянова Мария Ильинична", ("Ульянова", "Мария", "Ильинична")),
+        ("Салтыков-Щедрин Михаил Евграфович", ("Салтыков-Щедрин", "Михаил", "Евграфович")),
+        ("иванов иван иванович", ("иванов", "иван", "иванович")),
+    ],
+)
+def test_split_name_unambiguous(full: str, parts: tuple[str | None, ...]) -> None:
+    assert split_name(full) == parts
+
+
+@pytest.mark.parametrize(
+    "full",
+    [
+        "Анна Иванова",  # two words: which is the first name?
+        "Иванова Анна",
+        "Иван Петрович Бабич",  # both the middle and the last word end like a patronymic
+        "Иванова Анна Мария",  # no patronymic at all
+        "Иванова Анна Сергеевна Петровна",
+        "Иван 2 Петрович",
+        "Иван {x} Петрович",
+        "",
+    ],
+)
+def test_split_name_ambiguous_is_none(full: str) -> None:
+    assert split_name(full) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -830,6 +918,227 @@ def test_normalize_event_round_trips_through_kafka() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# normalize: values present but unparseable are reported, never data; dates with a time; names
+
+
+@pytest.mark.parametrize("deleted", ["может быть", "2", "deleted"])
+def test_normalize_unrecognised_client_deleted_is_invalid(deleted: str) -> None:
+    n = ok(run("client-created", render(TPL_CLIENT_CREATED, {**CLIENT_CTX, "deleted": deleted})))
+    assert n.event.data.client is not None
+    assert n.event.data.client.deleted is None
+    assert ("client_deleted", "invalid") in n.missing
+    assert "client_deleted" in n.event.data.missing
+
+
+def test_normalize_empty_client_deleted_is_empty_not_invalid() -> None:
+    n = ok(run("client-created", render(TPL_CLIENT_CREATED, {**CLIENT_CTX, "deleted": ""})))
+    assert n.event.data.client is not None
+    assert n.event.data.client.deleted is None
+    assert n.missing == [("client_deleted", "empty")]
+
+
+@pytest.mark.parametrize(("paid", "value"), [("оплачен", True), ("не оплачен", False), ("TRUE", True)])
+def test_normalize_visit_paid_spellings(paid: str, value: bool) -> None:
+    n = ok(run("visit-paid", render(TPL_VISIT_PAID, {**VISIT_CTX, "appointment.paid": paid})))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.paid is value
+
+
+def test_normalize_visit_paid_unrecognised_paid_is_invalid() -> None:
+    n = ok(run("visit-paid", render(TPL_VISIT_PAID, {**VISIT_CTX, "appointment.paid": "частично"})))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.paid is None
+    assert ("appointment_paid", "invalid") in n.missing
+    assert "частично" not in n.event.kafka_value().decode()
+
+
+def test_normalize_invoice_unrecognised_paid_is_invalid_once() -> None:
+    n = ok(run("invoice-created", render(TPL_INVOICE_CREATED, {**INVOICE_CTX, "paid": "частично"})))
+    assert n.event.data.invoice is not None
+    assert n.event.data.invoice.paid is None
+    assert n.missing.count(("appointment_paid", "invalid")) == 1
+
+
+def test_normalize_invalid_executor_phone_is_reported_not_sent() -> None:
+    ctx = {**APPOINTMENT_CTX, "executor_phone": "12-34"}
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, ctx)))
+    a = n.event.data.appointment
+    assert a is not None
+    assert a.executor is not None
+    assert (a.executor.name, a.executor.phone) == ("Смирнова Ольга", None)
+    assert ("executor_phone", "invalid") in n.missing
+    assert "executor_phone" in n.event.data.missing
+    assert "12-34" not in n.event.kafka_value().decode()
+
+
+def test_normalize_only_an_invalid_executor_phone_makes_no_executor() -> None:
+    ctx = {**APPOINTMENT_CTX, "executor_name": "", "executor_phone": "нет"}
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, ctx)))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.executor is None
+    assert ("executor_phone", "invalid") in n.missing
+
+
+def _without_time(date_value: str) -> dict[str, str]:
+    """The appointment template with `{{appointment_time}}` left unrendered, as Klientiks does."""
+    ctx = {k: v for k, v in APPOINTMENT_CTX.items() if k != "appointment_time"}
+    return {**ctx, "appointment.date": date_value}
+
+
+@pytest.mark.parametrize(
+    "date_value",
+    ["2024-05-01 14:30", "01.05.2024 14:30:00", "2024-05-01T14:30:00", "2024-05-01 14:30:00.000"],
+)
+def test_normalize_time_inside_appointment_date_is_used(date_value: str) -> None:
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, _without_time(date_value))))
+    a = n.event.data.appointment
+    assert a is not None
+    assert a.start == datetime(2024, 5, 1, 14, 30, tzinfo=MSK)
+    assert a.start is not None
+    assert a.start.tzinfo == MSK
+    assert ("appointment_time", "placeholder") in n.missing
+    assert ("appointment_date", "invalid") not in n.missing
+
+
+def test_normalize_appointment_time_wins_over_a_time_inside_the_date() -> None:
+    ctx = {**APPOINTMENT_CTX, "appointment.date": "2024-05-01 00:00:00", "appointment_time": "19:30"}
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, ctx)))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.start == datetime(2024, 5, 1, 19, 30, tzinfo=MSK)
+    assert n.event.data.missing == []
+
+
+def test_normalize_invalid_appointment_time_falls_back_to_the_time_inside_the_date() -> None:
+    ctx = {**APPOINTMENT_CTX, "appointment.date": "2024-05-01 14:30", "appointment_time": "вечером"}
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, ctx)))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.start == datetime(2024, 5, 1, 14, 30, tzinfo=MSK)
+    assert ("appointment_time", "invalid") in n.missing
+
+
+def test_normalize_appointment_date_with_an_offset_is_read_on_the_source_clock() -> None:
+    n = ok(
+        run(
+            "appointment-created", render(TPL_APPOINTMENT_CREATED, _without_time("2024-05-01T14:30:00+05:00"))
+        )
+    )
+    a = n.event.data.appointment
+    assert a is not None
+    assert a.start is not None
+    assert a.start.tzinfo == MSK
+    assert a.start == datetime(2024, 5, 1, 12, 30, tzinfo=MSK)
+    assert value_json(n)["appointment"]["start"] == "2024-05-01T12:30:00+03:00"
+
+
+@pytest.mark.parametrize(
+    "date_value", ["2024-05-01 вечером", "2024-05-01 25:00", "0001-01-01T00:00:00+05:00"]
+)
+def test_normalize_appointment_date_with_junk_after_it_is_invalid(date_value: str) -> None:
+    n = ok(run("appointment-created", render(TPL_APPOINTMENT_CREATED, _without_time(date_value))))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.start is None
+    assert ("appointment_date", "invalid") in n.missing
+
+
+def test_normalize_appointment_created_in_dotted_form_keeps_its_time() -> None:
+    query = render(TPL_VISIT_PAID, {**VISIT_CTX, "appointment.created": "28.09.2021 19:26:04"})
+    n = ok(run("visit-paid", query))
+    assert n.event.data.appointment is not None
+    assert n.event.data.appointment.created == datetime(2021, 9, 28, 19, 26, 4, tzinfo=MSK)
+
+
+@pytest.mark.parametrize(
+    ("amount", "value"),
+    [("-200", "-200"), ("1 500 ₽", "1500"), ("1\u202f500,50", "1500.50"), ("1500.5 руб.", "1500.5")],
+)
+def test_normalize_invoice_money_spellings(amount: str, value: str) -> None:
+    n = ok(run("invoice-created", render(TPL_INVOICE_CREATED, {**INVOICE_CTX, "paid_sum": amount})))
+    assert value_json(n)["invoice"]["paid_sum"] == value
+
+
+@pytest.mark.parametrize("amount", ["1e3", "Infinity", "12 34"])
+def test_normalize_invoice_exponent_or_junk_money_is_invalid(amount: str) -> None:
+    n = ok(run("invoice-created", render(TPL_INVOICE_CREATED, {**INVOICE_CTX, "amount": amount})))
+    assert n.event.data.invoice is not None
+    assert n.event.data.invoice.amount is None
+    assert ("appointment_amount", "invalid") in n.missing
+
+
+def _client_of(**params: str) -> Client:
+    n = ok(run("client-created", urlencode({"client_id": "1842", **params})))
+    assert n.event.data.client is not None
+    return n.event.data.client
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("Анна", (None, "Анна", None)),
+        ("Иванова Анна Сергеевна", ("Иванова", "Анна", "Сергеевна")),
+        ("Анна Сергеевна Иванова", ("Иванова", "Анна", "Сергеевна")),
+        ("Иванова Анна", (None, None, None)),
+        ("Иван Петрович Бабич", (None, None, None)),
+    ],
+)
+def test_normalize_parts_from_client_name_only_when_unambiguous(
+    name: str, parts: tuple[str | None, ...]
+) -> None:
+    c = _client_of(client_name=name)
+    assert c.full_name == name
+    assert (c.last_name, c.first_name, c.patronymic) == parts
+
+
+def test_normalize_given_parts_are_never_contradicted_by_client_name() -> None:
+    c = _client_of(client_name="Иванова Анна Сергеевна", client_first_name="Мария")
+    assert (c.last_name, c.first_name, c.patronymic) == (None, "Мария", None)
+    assert c.full_name == "Иванова Анна Сергеевна"
+
+
+def test_normalize_client_name_fills_the_parts_that_agree_with_the_given_ones() -> None:
+    c = _client_of(client_name="Иванова Анна Сергеевна", client_first_name="анна", client_second_name="{{x}}")
+    assert (c.last_name, c.first_name, c.patronymic) == ("Иванова", "анна", "Сергеевна")
+
+
+def test_normalize_one_word_client_name_is_not_a_first_name_when_one_was_given() -> None:
+    c = _client_of(client_name="Иванова", client_first_name="Анна")
+    assert (c.last_name, c.first_name, c.patronymic) == (None, "Анна", None)
+
+
+@pytest.mark.parametrize(
+    ("parts", "full"),
+    [
+        ({"client_second_name": "Иванова", "client_first_name": "Анна"}, "Иванова Анна"),
+        ({"client_first_name": "Анна", "client_patron_name": "Сергеевна"}, "Анна Сергеевна"),
+        (
+            {"client_patron_name": "Сергеевна", "client_first_name": "Анна", "client_second_name": "Иванова"},
+            "Иванова Анна Сергеевна",
+        ),
+    ],
+)
+def test_normalize_full_name_from_parts_is_last_first_patronymic(parts: dict[str, str], full: str) -> None:
+    assert _client_of(**parts).full_name == full
+
+
+@pytest.mark.parametrize("phone", ["+7 701 123 45 67", "8 (701) 123-45-67", "77011234567"])
+def test_normalize_kazakh_phone_stays_kazakh_in_a_russian_source(phone: str) -> None:
+    e164 = _client_of(client_phone=phone).phone
+    assert e164 == "+77011234567"
+    assert phonenumbers.region_code_for_number(phonenumbers.parse(e164)) == "KZ"
+
+
+@pytest.mark.parametrize("phone", ["8 (999) 123-45-67", "79991234567", "+7 999 123 45 67", "89991234567"])
+def test_normalize_russian_phone_spellings_agree(phone: str) -> None:
+    assert _client_of(client_phone=phone).phone == "+79991234567"
+
+
+def test_normalize_deeply_nested_json_body_is_rejected_not_raised() -> None:
+    body = b'{"client_id": "1842", "services": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = run("client-created", "", body=body, content_type="application/json")
+    assert isinstance(r, Rejected)
+    assert r.reason == "bad_body"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # normalize: rejections
 
 
@@ -915,101 +1224,3 @@ def test_inbox_rejects_naive_received_at() -> None:
         InboxRecord(
             id="e", source="salon", event="client-created", received_at=datetime(2024, 3, 14), method="GET"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Properties
-
-_KEYS = st.one_of(
-    # The keys whose values reach the event most directly, drawn more often.
-    st.sampled_from(["client_phone", "client_name", "services", "status", "utm_source", "promo"]),
-    st.sampled_from([*sorted(KNOWN), "appointment.time", "utm_source", "gclid", "yclid"]),
-    st.from_regex(r"[a-z][a-z0-9_.]{0,15}", fullmatch=True),
-)
-_PLACEHOLDERS = st.sampled_from(
-    [
-        "{{phone}}",
-        "{{client.phone}}",
-        "{appointment.status}}",
-        "{{#new_data}}{{status}}{{/new_data}}",
-        "{id}",
-        "{service.name}",
-        "{{",
-        "}}",
-    ]
-)
-_RU_WORDS = st.sampled_from(["Иванова", "Анна", "Стрижка женская", "Маникюр", "2500.00", "79991234567", ""])
-_VALUES = st.one_of(
-    st.text(),
-    _PLACEHOLDERS,
-    _RU_WORDS,
-    st.lists(st.one_of(_RU_WORDS, _PLACEHOLDERS, st.text(max_size=5)), max_size=4).map(", ".join),
-)
-_EVENTS = st.sampled_from(
-    [
-        "client-created",
-        "appointment-created",
-        "online-booking",
-        "appointment-changed",
-        "invoice-created",
-        "visit-paid",
-    ]
-)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(params=st.dictionaries(_KEYS, _VALUES, max_size=12), event=_EVENTS)
-def test_property_normalize_never_raises(params: dict[str, str], event: str) -> None:
-    result = run(event, urlencode(params))
-    assert isinstance(result, Normalized | Rejected)
-    if isinstance(result, Normalized):
-        # Whatever came in, the event is valid on the wire.
-        json.loads(result.event.kafka_value())
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    params=st.dictionaries(_KEYS, st.text(), max_size=12),
-    event=_EVENTS,
-    client_id=st.text(min_size=1),
-    body_json=st.booleans(),
-)
-def test_property_normalize_never_raises_on_arbitrary_text(
-    params: dict[str, str], event: str, client_id: str, body_json: bool
-) -> None:
-    params = {"client_id": client_id, **params}
-    if body_json:
-        result = run(event, "", body=json.dumps(params).encode(), content_type="application/json")
-    else:
-        result = run(event, urlencode(params))
-    assert isinstance(result, Normalized | Rejected)
-
-
-@settings(max_examples=300, deadline=None)
-@given(params=st.dictionaries(_KEYS, _VALUES, max_size=12), event=_EVENTS)
-def test_property_no_placeholder_is_ever_data(params: dict[str, str], event: str) -> None:
-    result = run(event, urlencode({"client_id": "1842", **params}))
-    if isinstance(result, Rejected):
-        return
-    data = value_json(result)
-    leaked = [s for s in strings_in(data) if is_placeholder(s)]
-    assert leaked == []
-    assert not is_placeholder(result.key.split(":", 1)[1])
-
-
-@given(
-    digits=st.text(alphabet="0123456789", min_size=9, max_size=9),
-    spelling=st.sampled_from(["7{d}", "8{d}", "+7 ({a}) {b}-{c}-{e}", "8 ({a}) {b}-{c}-{e}", "+7{d}", "{d}"]),
-)
-def test_property_russian_mobiles_normalize_to_e164(digits: str, spelling: str) -> None:
-    d = "9" + digits
-    raw = spelling.format(d=d, a=d[:3], b=d[3:6], c=d[6:8], e=d[8:])
-    # libphonenumber knows a few 9xx blocks as unassigned (e.g. +7 930 0xx): every spelling must then
-    # agree on None; everything else (all but ~1 in 20,000) is "+79..." with the same digits.
-    expected = "+7" + d if phonenumbers.is_valid_number(phonenumbers.parse("+7" + d)) else None
-    assert normalize_phone(raw, "RU") == expected
-
-
-def test_unassigned_russian_block_is_not_a_phone() -> None:
-    assert normalize_phone("79300000000", "RU") is None
-    assert normalize_phone("+7 (930) 123-45-67", "RU") == "+79301234567"

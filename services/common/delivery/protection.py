@@ -45,6 +45,16 @@ class TokenBucket:
         self._tokens -= 1
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate_per_s
 
+    def try_take(self) -> float:
+        """Take a token if one is there (0.0); else take nothing and return the seconds until one is."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._updated) * self.rate_per_s)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate_per_s
+
     async def acquire(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> float:
         """Reserve a token and sleep until it is due; return the wait."""
         wait = self.reserve()
