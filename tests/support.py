@@ -287,8 +287,16 @@ async def partition_count(bootstrap: str, topic: str) -> int:
         await admin.close()
 
 
-async def read_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 15.0) -> list[Any]:
-    """Every record of ``topic`` from the start, waiting until ``expect`` have arrived."""
+async def read_all(
+    bootstrap: str,
+    topic: str,
+    *,
+    expect: int,
+    timeout: float = 15.0,
+    done: Callable[[list[Any]], bool] | None = None,
+) -> list[Any]:
+    """Every record of ``topic`` from the start, waiting until ``expect`` have arrived (or ``done`` says so)."""
+    done = done or (lambda records: len(records) >= expect)
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -301,7 +309,7 @@ async def read_all(bootstrap: str, topic: str, *, expect: int, timeout: float = 
     records: list[Any] = []
     try:
         deadline = time.monotonic() + timeout
-        while len(records) < expect and time.monotonic() < deadline:
+        while not done(records) and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for recs in batch.values():
                 records.extend(recs)
