@@ -40,7 +40,7 @@ from services.ingest.dedupe import fingerprint, scope
 from services.ingest.enrichment import enrich, enriched_key, needs_enrichment
 from services.ingest.inbox import InboxRecord
 from services.ingest.klientiks import KlientiksApis, KlientiksError
-from services.ingest.parsing import KNOWN, Rejected, normalize, request_params
+from services.ingest.parsing import KNOWN, Rejected, normalize
 
 GROUP = "relay-normalizer"
 BATCH = 500
@@ -132,11 +132,14 @@ def route(raw: bytes, key: bytes | None, settings: Settings) -> _Out:
         record, raw, out_key, client_id=client.id if client else None, phone=client.phone if client else None,
         normalized=event.model_dump_json(),
     )  # fmt: skip
-    pairs = request_params(record.query, record.content_type, record.body_bytes())
     appointment = event.data.appointment
     where, supersedes = scope(record.source, record.event, appointment.id if appointment else None)
     seen = Seen(
-        fingerprint(record.source, record.event, pairs), where, record.id, record.received_at, supersedes
+        fingerprint(record.source, record.event, result.pairs),
+        where,
+        record.id,
+        record.received_at,
+        supersedes,
     )
     return _Out(EVENTS, event.kafka_value(), out_key, event.kafka_headers(), history, event.id, record.source,
                 record.event, missing=result.missing, seen=seen, event=event, raw=raw, inbox_key=key)  # fmt: skip

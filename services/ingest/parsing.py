@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from typing import TypeVar
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
 
@@ -284,6 +286,8 @@ class Normalized:
     key: str
     # (field, "empty" | "placeholder" | "invalid") for the operator and the metrics.
     missing: list[tuple[str, str]]
+    # The request's parameters as they came (the dedupe fingerprint is made of them).
+    pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -292,34 +296,32 @@ class Rejected:
     detail: str
 
 
-def _phone(p: Params, key: str, region: str, invalid: list[tuple[str, str]]) -> str | None:
+T = TypeVar("T")
+
+
+def _parsed(
+    p: Params, key: str, parse: Callable[[str], T | None], invalid: list[tuple[str, str]]
+) -> T | None:
+    """``parse`` of a present value; one it cannot read is listed invalid and never becomes data."""
     raw = p.get(key)
     if raw is None:
         return None
-    phone = normalize_phone(raw, region)
-    if phone is None:
+    value = parse(raw)
+    if value is None:
         invalid.append((key, "invalid"))
-    return phone
+    return value
+
+
+def _phone(p: Params, key: str, region: str, invalid: list[tuple[str, str]]) -> str | None:
+    return _parsed(p, key, lambda raw: normalize_phone(raw, region), invalid)
 
 
 def _bool(p: Params, key: str, invalid: list[tuple[str, str]]) -> bool | None:
-    raw = p.get(key)
-    if raw is None:
-        return None
-    value = parse_bool(raw)
-    if value is None:
-        invalid.append((key, "invalid"))
-    return value
+    return _parsed(p, key, parse_bool, invalid)
 
 
 def _money(p: Params, key: str, invalid: list[tuple[str, str]]) -> Decimal | None:
-    raw = p.get(key)
-    if raw is None:
-        return None
-    value = parse_money(raw)
-    if value is None:
-        invalid.append((key, "invalid"))
-    return value
+    return _parsed(p, key, parse_money, invalid)
 
 
 def _is_email(value: str) -> bool:
@@ -446,7 +448,8 @@ def normalize(record: InboxRecord, *, zone: ZoneInfo, phone_region: str) -> Norm
     except ValueError:
         return Rejected("unknown_event", f"unknown event {record.event!r}")
     try:
-        params = Params.of(request_params(record.query, record.content_type, record.body_bytes()))
+        pairs = request_params(record.query, record.content_type, record.body_bytes())
+        params = Params.of(pairs)
     except ParamsError as e:
         return Rejected("bad_body", str(e))
     if not params.get("client_id") and not params.get("appointment_id"):
@@ -477,4 +480,4 @@ def normalize(record: InboxRecord, *, zone: ZoneInfo, phone_region: str) -> Norm
         relayreceivedat=record.received_at,
         data=data,
     )
-    return Normalized(ce, routing_key(record.source, params), missing)
+    return Normalized(ce, routing_key(record.source, params), missing, pairs)
