@@ -140,8 +140,16 @@ async def test_the_circuit_opens_parks_without_burning_attempts_and_recovers(
         assert CIRCUITS_OPEN.labels("maxma")._value.get() == 0
         # While open, the circuit let only a few probes through instead of 8 events x 5 attempts.
         assert during_outage < 8 * 5
-        for i in range(8):
-            d = await t.ledger.get(f"maxma:maxma:new-client:e{i}")
+
+        async def deliveries() -> list[Any]:
+            return [await t.ledger.get(f"maxma:maxma:new-client:e{i}") for i in range(8)]
+
+        # The sandbox saw the request a moment before the ledger's group commit records the success.
+        async def all_delivered() -> bool:
+            return all(d is not None and d.status.value == "delivered" for d in await deliveries())
+
+        await eventually(all_delivered, timeout=10, what="every delivery recorded as delivered")
+        for d in await deliveries():
             assert d is not None
             assert d.status.value == "delivered"
             # Parking for the circuit did not count as attempts: nobody ran out of its five.
@@ -180,6 +188,13 @@ async def test_a_replayed_dead_letter_is_delivered_once(kafka: KafkaSettings, tm
         # The card conflict is fixed in Maxma; the operator replays: one new attempt, the client exists.
         assert await replay(kafka.bootstrap_servers, [dead]) == 1
         await eventually(lambda: len(t.sandbox.clients) == 2, what="the replayed client")
+
+        async def replay_recorded() -> bool:
+            # The ledger's group commit lands a moment after the sandbox saw the request.
+            d = await t.ledger.get("maxma:maxma:new-client:d0")
+            return d is not None and d.status.value == "delivered"
+
+        await eventually(replay_recorded, timeout=10, what="the replay recorded as delivered")
         d = await t.ledger.get("maxma:maxma:new-client:d0")
         assert d is not None
         assert d.status.value == "delivered"
