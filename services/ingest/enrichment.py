@@ -14,7 +14,18 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from services.common.events import Appointment, Client, CloudEvent, Person, kafka_key
-from services.ingest.parsing import join_name, normalize_phone, parse_bool, parse_datetime, split_services
+from services.ingest.parsing import (
+    SERVICE_CAP,
+    TEXT_CAP,
+    cap_of,
+    clean_id,
+    clean_text,
+    join_name,
+    normalize_phone,
+    parse_bool,
+    parse_datetime,
+    split_services,
+)
 
 __all__ = [
     "client_from_appointment",
@@ -70,13 +81,13 @@ def client_id_from_appointment(appointment: Mapping[str, Any] | None) -> str | N
     if not appointment:
         return None
     for link in _links(appointment):
-        if link.get("client_id") not in (None, ""):
-            return str(link["client_id"])
+        if found := clean_id(link.get("client_id")):
+            return found
         nested = link.get("client")
-        if isinstance(nested, Mapping) and nested.get("id") not in (None, ""):
-            return str(nested["id"])
-    value = appointment.get("client_id")
-    return str(value) if value not in (None, "", 0) else None
+        if isinstance(nested, Mapping) and (found := clean_id(nested.get("id"))):
+            return found
+    value = clean_id(appointment.get("client_id"))
+    return value if value and value.strip("0") else None
 
 
 def client_from_appointment(appointment: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -179,11 +190,12 @@ def _same(record_id: Any, event_id: str) -> bool:
     return record_id is not None and str(record_id).strip() == event_id.strip()
 
 
-def _text(value: Any) -> str | None:
-    if value is None or isinstance(value, bool):
+def _text(value: Any, cap: int = TEXT_CAP) -> str | None:
+    """A record's value as clean text (as the webhook's values are), or None: the API is input too."""
+    if value is None or isinstance(value, bool | Mapping | list):
         return None
-    text = str(value).strip()
-    return text or None
+    text = clean_text(str(value))
+    return text if text and len(text) <= cap else None
 
 
 def _flag(value: Any) -> bool | None:
@@ -206,19 +218,19 @@ def _gaps(current: Any, found: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _client_fields(record: Mapping[str, Any], region: str) -> dict[str, Any]:
-    raw_phone = _text(record.get("phone"))
-    email = _text(record.get("email"))
+    raw_phone = _text(record.get("phone"), cap_of("client_phone"))
+    email = _text(record.get("email"), cap_of("client_email"))
     fields: dict[str, Any] = {
-        "id": _text(record.get("id")),
+        "id": clean_id(record.get("id")),
         "phone": normalize_phone(raw_phone, region) if raw_phone else None,
-        "first_name": _text(record.get("first_name")),
-        "last_name": _text(record.get("second_name")),
-        "patronymic": _text(record.get("patron_name")),
+        "first_name": _text(record.get("first_name"), cap_of("client_first_name")),
+        "last_name": _text(record.get("second_name"), cap_of("client_second_name")),
+        "patronymic": _text(record.get("patron_name"), cap_of("client_patron_name")),
         "email": email if email and _EMAIL.fullmatch(email) else None,
         "deleted": _flag(record.get("deleted")),
     }
     # `name` is the card's display name; the parts are composed when it is empty.
-    fields["full_name"] = _text(record.get("name"))
+    fields["full_name"] = _text(record.get("name"), cap_of("client_name"))
     return {k: v for k, v in fields.items() if v is not None}
 
 
@@ -226,17 +238,17 @@ def _appointment_fields(record: Mapping[str, Any], zone: ZoneInfo, region: str) 
     services = record.get("appointed_services")
     names: list[str] = []
     if isinstance(services, list):
-        names = [n for s in services if isinstance(s, Mapping) and (n := _text(s.get("name")))]
+        names = [n for s in services if isinstance(s, Mapping) and (n := _text(s.get("name"), SERVICE_CAP))]
     elif isinstance(services, str):
-        names = split_services(services)
+        names = split_services(services) or []
     fields: dict[str, Any] = {
-        "id": _text(record.get("id")),
+        "id": clean_id(record.get("id")),
         "start": _when(record.get("start_datetime"), zone),
-        "status": _text(record.get("status")),
+        "status": _text(record.get("status"), cap_of("status")),
         "services": names or None,
         "paid": _flag(record.get("paid")),
         "created": _when(record.get("created"), zone),
-        "account_id": _text(record.get("account_id")),
+        "account_id": clean_id(record.get("account_id")),
         "executor": _executor(record.get("executor"), region),
     }
     return {k: v for k, v in fields.items() if v is not None}
@@ -245,9 +257,10 @@ def _appointment_fields(record: Mapping[str, Any], zone: ZoneInfo, region: str) 
 def _executor(value: Any, region: str) -> Person | None:
     if not isinstance(value, Mapping):
         return None
-    name = _text(value.get("name")) or join_name(
-        _text(value.get("second_name")), _text(value.get("first_name"))
+    cap = cap_of("executor_name")
+    name = _text(value.get("name"), cap) or join_name(
+        _text(value.get("second_name"), cap), _text(value.get("first_name"), cap)
     )
-    raw_phone = _text(value.get("phone"))
+    raw_phone = _text(value.get("phone"), cap_of("executor_phone"))
     phone = normalize_phone(raw_phone, region) if raw_phone else None
     return Person(name=name, phone=phone) if name or phone else None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
@@ -31,6 +33,10 @@ from services.ingest.inbox import InboxRecord
 
 class ParamsError(ValueError):
     """The request body cannot be read as parameters."""
+
+
+class JsonValue(str):
+    """A JSON object or array from a JSON body, as its JSON text: only ``services`` may be a list."""
 
 
 # Seed templates are copied with mistakes: `{appointment.status}}`, `{{#new_data}}{{status}}{{/new_data}}`, ...
@@ -71,18 +77,106 @@ KNOWN = {
     "appointment_appointment_id", "appointment_status", "status", "ip", "user_agent",
 }  # fmt: skip
 
+# Klientiks ids are integers: anything else (a sign, spaces, an invisible character) is not one of its ids.
+_ID = re.compile(r"[0-9]{1,20}")
+IDS = frozenset({"client_id", "appointment_id", "appointment_appointment_id", "appointment_account_id"})
+# Longest value kept, in characters after cleaning; a longer one is invalid, never cut short. A full name
+# has room for its three parts joined.
+CAPS: dict[str, int] = {
+    "client_name": 302, "client_first_name": 100, "client_second_name": 100, "client_patron_name": 100,
+    "executor_name": 300, "client_email": 254, "appointment_name": 300, "appointment_description": 2000,
+    "services": 4000, "user_position": 200, "user_agent": 1000, "ip": 45,
+    "appointment_status": 64, "status": 64,
+}  # fmt: skip
+SHORT_CAP = 64  # phones, dates, times, money, flags
+TEXT_CAP = 1000  # attribution and parameters the parser does not know
+SERVICE_CAP = 200  # one service's name
+NAME_CAP = 64  # a parameter's name
+_SHORT = {
+    "client_phone", "executor_phone", "client_deleted", "appointment_paid", "appointment_date",
+    "appointment_time", "appointment_created", "appointment_total_cost", "appointment_amount",
+    "appointment_paid_sum", "appointment_left_to_pay",
+}  # fmt: skip
+# Never kept in text: controls, format characters (zero-width, bidi controls, BOM), private use, unassigned.
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cn"})
+
+
+def cap_of(key: str) -> int:
+    """How many characters the value of parameter ``key`` may have."""
+    if key in _SHORT:
+        return SHORT_CAP
+    return CAPS.get(key, TEXT_CAP)
+
+
+def clean_text(raw: str) -> str | None:
+    """Text as it is shown: NFC, invisible characters dropped, each run of whitespace one space, trimmed.
+
+    None when it is not text at all: a lone surrogate, which is what an undecodable byte or a ``\\ud800``
+    escape becomes. Whatever else comes back is printable (``str.isprintable``), possibly empty.
+    """
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    if raw.isascii() and raw.isprintable() and "  " not in raw:
+        return raw.strip()  # the common case, cheap on the request path
+    kept = (
+        " " if ch.isspace() else ch
+        for ch in raw
+        if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE
+    )
+    # NFC after dropping: a dropped character between a letter and its accent kept them from composing.
+    return " ".join(unicodedata.normalize("NFC", "".join(kept)).split())
+
+
+def clean_id(raw: object) -> str | None:
+    """A Klientiks id (digits; a JSON integer too), else None."""
+    if isinstance(raw, bool) or raw is None:
+        return None
+    text = str(raw).strip()
+    return text if _ID.fullmatch(text) else None
+
+
+def clean_value(key: str, raw: str) -> str | None:
+    """The value of parameter ``key`` cleaned (:func:`clean_text`); None when it is not text."""
+    if isinstance(raw, JsonValue) and key != "services":
+        return None  # an object or array where a scalar belongs
+    if key == "services" and not raw.lstrip().startswith("["):
+        raw = re.sub(r"[\r\n]+", ";", raw)  # a line per service: the lines must survive the cleaning
+    return clean_text(raw)
+
+
+def fits(key: str, value: str, raw: str) -> bool:
+    """Whether a cleaned, non-empty ``value`` (from ``raw``) is acceptable data for parameter ``key``."""
+    if key in IDS:
+        # Cleaning must not have changed it: an id with an invisible character in it is not that id.
+        return bool(_ID.fullmatch(value)) and value == raw.strip()
+    if len(value) > cap_of(key):
+        return False
+    if key == "ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+    return True
+
 
 def request_params(query: str, content_type: str | None, body: bytes) -> list[tuple[str, str]]:
-    """Query-string pairs, then form or JSON body pairs, in the order they came."""
-    pairs = parse_qsl(query, keep_blank_values=True)
+    """Query-string pairs, then form or JSON body pairs, in the order they came.
+
+    Bytes that are not UTF-8 in a query or form value become lone surrogates (``surrogateescape``): the
+    value is kept for the record and later listed as invalid, never decoded into U+FFFD look-alikes.
+    """
+    pairs = parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
     if not body.strip():
         return pairs
     ctype = (content_type or "").split(";")[0].strip().lower()
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ParamsError("the body is not UTF-8") from None
+    text = body.decode("utf-8", "surrogateescape")
     if ctype == "application/json" or (not ctype and text.lstrip().startswith("{")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParamsError("the body is not UTF-8") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -94,12 +188,25 @@ def request_params(query: str, content_type: str | None, body: bytes) -> list[tu
         for k, v in obj.items():
             if v is None:
                 v = ""
-            pairs.append((str(k), v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)))
+            elif isinstance(v, dict | list):
+                v = JsonValue(json.dumps(v, ensure_ascii=False))
+            elif not isinstance(v, str):
+                v = json.dumps(v)
+            try:
+                k.encode("utf-8"), v.encode("utf-8")
+            except UnicodeEncodeError:
+                # `\ud800` escapes decode to a lone surrogate: not text, and nothing can store or send it.
+                raise ParamsError(f"the JSON body has a lone surrogate escape in {_shown(k)!r}") from None
+            pairs.append((k, v))
         return pairs
     if ctype in ("", "application/x-www-form-urlencoded", "text/plain"):
         pairs.extend(parse_qsl(text, keep_blank_values=True))
         return pairs
     raise ParamsError(f"unsupported content type {ctype!r}; send a query string, a form or a JSON object")
+
+
+def _shown(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:64]
 
 
 def canonical_key(key: str) -> str:
@@ -111,26 +218,39 @@ def is_placeholder(value: str) -> bool:
     return bool(_PLACEHOLDER.search(value.strip()))
 
 
+# In ``missing`` for a parameter whose name is not text or is too long to be one.
+BAD_NAME = "invalid_parameter_name"
+
+
 @dataclass
 class Params:
     """Merged parameters; empty values and leftover placeholders are recorded as missing, never as data."""
 
     values: dict[str, str] = field(default_factory=dict)
-    missing: dict[str, str] = field(default_factory=dict)  # field -> "empty" | "placeholder"
+    missing: dict[str, str] = field(default_factory=dict)  # field -> "empty" | "placeholder" | "invalid"
 
     @classmethod
     def of(cls, pairs: list[tuple[str, str]]) -> Params:
         p = cls()
         for raw_key, raw_value in pairs:
-            key, value = canonical_key(raw_key), raw_value.strip()
+            name = clean_text(raw_key)
+            key = canonical_key(name) if name else ""
+            if len(key) > NAME_CAP or (raw_key.strip() and not key):
+                p.missing.setdefault(BAD_NAME, "invalid")
+                continue
             if not key:
                 continue
             if key in p.values:  # the first value wins, as in most web frameworks
                 continue
-            if is_placeholder(value):
+            value = clean_value(key, raw_value)
+            if value is None:
+                p.missing.setdefault(key, "invalid")
+            elif is_placeholder(value):
                 p.missing.setdefault(key, "placeholder")
             elif not value:
                 p.missing.setdefault(key, "empty")
+            elif not fits(key, value, raw_value):
+                p.missing.setdefault(key, "invalid")
             else:
                 p.values[key] = value
                 p.missing.pop(key, None)
@@ -241,15 +361,31 @@ def parse_datetime(raw: str, zone: ZoneInfo) -> datetime | None:
     return dt if dt.tzinfo else dt.replace(tzinfo=zone)
 
 
-def split_services(raw: str) -> list[str]:
+def split_services(raw: str) -> list[str] | None:
+    """Service names from a JSON array or a list separated by `,`, `;` or new lines; None when invalid.
+
+    Invalid: an array holding anything but names (numbers pass), or a name over ``SERVICE_CAP``.
+    """
+    parts: list[object] | None = None
     if raw.startswith("["):
         try:
             items = json.loads(raw)
         except (ValueError, RecursionError):
             items = None
         if isinstance(items, list):
-            return [str(i).strip() for i in items if str(i).strip()]
-    return [s.strip() for s in re.split(r"[,;\n]", raw) if s.strip()]
+            parts = items
+    if parts is None:
+        parts = re.split(r"[,;\n]", raw)
+    names = []
+    for item in parts:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            return None
+        name = clean_text(str(item))
+        if name is None or len(name) > SERVICE_CAP:
+            return None
+        if name:
+            names.append(name)
+    return names
 
 
 def join_name(*parts: str | None) -> str | None:
@@ -402,6 +538,9 @@ def _appointment(
     # In invoice-created appointment_paid is the invoice's: read (and reported) there, not twice.
     paid = _bool(p, "appointment_paid", invalid) if event is not EventName.INVOICE_CREATED else None
     services = split_services(p.get("services") or "")
+    if services is None:
+        invalid.append(("services", "invalid"))
+        services = []
     if any(is_placeholder(s) for s in services):  # `Стрижка, {service.name}`: a leftover is never data
         services = [s for s in services if not is_placeholder(s)]
         invalid.append(("services", "placeholder"))

@@ -89,10 +89,8 @@ async def test_post_form_and_json_bodies_are_kept_as_received(
     ("kwargs", "status"),
     [
         ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400),
-        (
-            {"content": b"\xff\xfe\x00bad", "headers": {"content-type": "application/x-www-form-urlencoded"}},
-            400,
-        ),
+        # JSON must be UTF-8; a form's values that are not are listed invalid by the normalizer instead.
+        ({"content": b'{"client_id": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400),
         ({"content": b"x" * (64 * 1024 + 1), "headers": {"content-type": "text/plain"}}, 413),
     ],
 )

@@ -199,10 +199,16 @@ def test_request_params_json_must_be_an_object() -> None:
         request_params("", "application/json", b'["client_id", "1"]')
 
 
-def test_request_params_non_utf8_body() -> None:
-    body = "client_name=Иванова".encode("cp1251")
+def test_a_form_value_that_is_not_utf8_is_invalid_and_the_others_stay() -> None:
+    body = "client_name=Иванова".encode("cp1251") + b"&client_id=7"
+    params = Params.of(request_params("", "application/x-www-form-urlencoded", body))
+    assert params.values == {"client_id": "7"}
+    assert params.missing == {"client_name": "invalid"}
+
+
+def test_a_json_body_that_is_not_utf8_is_refused() -> None:
     with pytest.raises(ParamsError, match="not UTF-8"):
-        request_params("", "application/x-www-form-urlencoded", body)
+        request_params("", "application/json", '{"client_name": "Иванова"}'.encode("cp1251"))
 
 
 @pytest.mark.parametrize(
@@ -1173,10 +1179,12 @@ def test_normalize_malformed_json_body() -> None:
     assert "malformed" in r.detail
 
 
-def test_normalize_non_utf8_body() -> None:
+def test_normalize_non_utf8_form_body_lists_the_value_invalid() -> None:
     r = run("client-created", "", body="client_id=1842&client_name=Иванова".encode("cp1251"))
-    assert isinstance(r, Rejected)
-    assert r.reason == "bad_body"
+    assert isinstance(r, Normalized)
+    assert r.event.data.client is not None
+    assert r.event.data.client.full_name is None
+    assert ("client_name", "invalid") in r.missing
 
 
 # ---------------------------------------------------------------------------------------------------------

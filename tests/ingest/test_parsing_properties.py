@@ -26,6 +26,8 @@ from services.ingest.parsing import (
     Params,
     Rejected,
     canonical_key,
+    clean_value,
+    fits,
     is_placeholder,
     normalize,
     normalize_phone,
@@ -66,6 +68,18 @@ def run(
     event: str, query: str, *, zone: ZoneInfo = MSK, region: str = "RU", **kw: Any
 ) -> Normalized | Rejected:
     return normalize(record(event, query, **kw), zone=zone, phone_region=region)
+
+
+def data_of(key: str, raw: str) -> str | None:
+    """What the parser must keep of ``raw`` as the value of ``key``: its clean text when that is data."""
+    value = clean_value(key, raw)
+    return value if value and not is_placeholder(value) and fits(key, value, raw) else None
+
+
+def sent_something(key: str, raw: str) -> bool:
+    """``raw`` carried something visible that is not a placeholder (data, or else invalid)."""
+    value = clean_value(key, raw)
+    return value is None or bool(value and not is_placeholder(value))
 
 
 def strings_in(node: Any) -> Iterator[str]:
@@ -291,7 +305,7 @@ def test_every_phone_in_the_event_is_valid_e164(client_phone: str, executor_phon
     ):
         if phone is not None:
             assert _is_valid_e164(phone)
-        elif raw.strip() and not is_placeholder(raw):
+        elif sent_something(key, raw):
             assert (
                 key,
                 "invalid",
@@ -419,9 +433,10 @@ def test_a_bool_is_true_false_or_reported_invalid(raw: str, event: str) -> None:
     value = data.client.deleted if key == "client_deleted" and data.client else None
     if key == "appointment_paid" and data.appointment:
         value = data.appointment.paid
-    expected = parse_bool(raw) if raw.strip() and not is_placeholder(raw) else None
+    text = data_of(key, raw)
+    expected = parse_bool(text) if text else None
     assert value is expected
-    if raw.strip() and not is_placeholder(raw) and expected is None:
+    if sent_something(key, raw) and expected is None:
         assert (key, "invalid") in result.missing
 
 
@@ -547,12 +562,18 @@ def _reference_params(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], dic
     missing: dict[str, str] = {}
     keys = list(dict.fromkeys(canonical_key(k) for k, _ in pairs if canonical_key(k)))
     for key in keys:
-        mine = [v.strip() for k, v in pairs if canonical_key(k) == key]
-        real = [v for v in mine if v and not is_placeholder(v)]
+        mine = [v for k, v in pairs if canonical_key(k) == key]
+        real = [d for v in mine if (d := data_of(key, v))]
         if real:
             values[key] = real[0]
+            continue
+        first = clean_value(key, mine[0])
+        if first is None:
+            missing[key] = "invalid"
+        elif is_placeholder(first):
+            missing[key] = "placeholder"
         else:
-            missing[key] = "placeholder" if is_placeholder(mine[0]) else "empty"
+            missing[key] = "invalid" if first else "empty"
     return values, missing
 
 
@@ -621,7 +642,7 @@ def test_names_never_contradict_the_given_parts(
     assert isinstance(result, Normalized)
     c = result.event.data.client
     assert c is not None
-    name_value = name.strip() if name and name.strip() and not is_placeholder(name) else None
+    name_value = data_of("client_name", name) if name else None
     for sent_part, got in ((first, c.first_name), (last, c.last_name), (patronymic, c.patronymic)):
         if sent_part:
             assert got == sent_part
