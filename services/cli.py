@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import httpx
 import typer
@@ -23,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from services.common.config import ConfigError, Settings, load_settings
+from services.common.display import safe_text
 from services.common.events import EventName
 from services.common.logging import configure_logging
 
@@ -57,7 +59,8 @@ def _settings() -> Settings:
     return settings
 
 
-def _serve(asgi: Any, host: str, port: int) -> None:
+def _serve(asgi: Any, host: str, port: int, **options: Any) -> None:
+    """Serve ``asgi`` with uvicorn; ``options`` are more uvicorn keywords (the ingest API's limits)."""
     # No access log: request lines carry the source token and personal data in the URL.
     uvicorn.run(
         asgi,
@@ -67,6 +70,7 @@ def _serve(asgi: Any, host: str, port: int) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=20,
+        **options,
     )
 
 
@@ -78,8 +82,10 @@ def ingest_api(
 ) -> None:
     """Receive webhooks and publish them to klientiks.inbox.v1 (spooled in the ledger while Kafka is down)."""
     from services.ingest.api import create_api
+    from services.ingest.server import uvicorn_options
 
-    _serve(create_api(_settings(), migrate=migrate), host, port)
+    settings = _settings()
+    _serve(create_api(settings, migrate=migrate), host, port, **uvicorn_options(settings.ingest))
 
 
 @ingest_app.command("normalizer")
@@ -255,19 +261,23 @@ ROLES: list[tuple[str, list[str], int]] = [
 ]
 
 
+if TYPE_CHECKING:
+    from services.common.embedded import EmbeddedBroker
+    from services.common.supervisor import Process, Supervisor
+
+
 def _demo_config(state: Path, sandbox_url: str, klientiks_url: str) -> Path:
     """Write the embedded demo config once; its secrets live in files beside it, never in the YAML."""
-    secrets_dir = state / "secrets"
-    secrets_dir.mkdir(parents=True, exist_ok=True)
+    from services.common.embedded import private_secret
+
     for name in ("demo-token", "maxma-key", "klientiks-token"):
-        f = secrets_dir / name
-        if not f.exists():
-            f.write_text(secrets.token_urlsafe(24))
-            f.chmod(0o600)
+        private_secret(state / "secrets" / name)
+    private_secret(state / "secrets" / "phone-hash-key", 32)
     path = state / "demo.yaml"
     path.write_text(
         "# Written by `relay run`: one demo salon, thin webhooks completed from the sandbox Klientiks API,\n"
         "# delivering to the sandbox Maxma.\n"
+        "phone_hash_key: ${file:secrets/phone-hash-key}\n"
         "sources:\n"
         "  - name: demo-salon\n"
         "    token: ${file:secrets/demo-token}\n"
@@ -288,11 +298,14 @@ def _demo_config(state: Path, sandbox_url: str, klientiks_url: str) -> Path:
     return path
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_ready(url: str, proc: Process, timeout: float = 30.0) -> None:
+    from services.common.supervisor import describe_status
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode}")
+        status = proc.poll()
+        if status is not None:
+            raise RuntimeError(f"exited ({describe_status(status)})")
         try:
             if httpx.get(url, timeout=1).status_code in (200, 204):
                 return
@@ -305,36 +318,56 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) 
 def _spawn(args: Sequence[str], env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
     from services.common.embedded import pdeathsig_preexec
 
-    out = log_file.open("ab")
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
-        [sys.executable, "-m", "services.cli", *args],
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        preexec_fn=pdeathsig_preexec(),  # the children must not outlive `relay run`
-    )
+    with log_file.open("ab") as out:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module, no shell
+            [sys.executable, "-m", "services.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=pdeathsig_preexec(),  # the children must not outlive `relay run`
+            # A terminal's Ctrl-C reaches `relay run` only, which stops the roles in order (and not
+            # a role that dies of it and is restarted before `relay run` has noticed the Ctrl-C).
+            start_new_session=True,
+        )
+
+
+def _interrupted(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command("run")
 def run(
     demo: Annotated[bool, typer.Option(help="Send a few sample webhooks once everything is up.")] = False,
     kafka_port: Annotated[int, typer.Option(help="Port of the embedded broker.")] = 9092,
+    port_offset: Annotated[
+        int, typer.Option(help="Added to every HTTP port (ingest 8080, sandbox Maxma 8090, ...).")
+    ] = 0,
 ) -> None:
-    """Start everything on the embedded defaults and show deliveries as they happen."""
-    from services.common.embedded import EmbeddedBroker
+    """Start everything on the embedded defaults, restart a role that dies, show deliveries as they happen."""
+    from services.common.embedded import EmbeddedBroker, private_secret
+    from services.common.supervisor import Supervisor
 
-    STATE.mkdir(exist_ok=True)
+    # SIGTERM stops everything as Ctrl-C does; by default it would end `relay run` and SIGKILL the roles.
+    signal.signal(signal.SIGTERM, _interrupted)
+    # The ledger, the secrets and the logs hold personal data and credentials.
+    STATE.mkdir(mode=0o700, exist_ok=True)
+    STATE.chmod(0o700)
     (STATE / "logs").mkdir(exist_ok=True)
-    sandbox_port = next(p for name, _, p in ROLES if name == "sandbox-maxma")
-    klientiks_port = next(p for name, _, p in ROLES if name == "sandbox-klientiks")
+    ports = {name: port + port_offset for name, _, port in ROLES}
+    ingest_url = f"http://127.0.0.1:{ports['ingest-api']}"
+    sandbox_url = f"http://127.0.0.1:{ports['sandbox-maxma']}"
     config = (
         Path(os.environ["RELAY_CONFIG"])
         if os.environ.get("RELAY_CONFIG")
-        else _demo_config(STATE, f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{klientiks_port}")
+        else _demo_config(STATE, sandbox_url, f"http://127.0.0.1:{ports['sandbox-klientiks']}")
     )
     env = dict(os.environ)
     env.update(RELAY_CONFIG=str(config.resolve()), RELAY_LOG_FORMAT="json")
-    env.setdefault("RELAY_DATABASE_URL", f"sqlite+aiosqlite:///{(STATE / 'relay.db').resolve()}")
+    db = (STATE / "relay.db").resolve()
+    env.setdefault("RELAY_DATABASE_URL", f"sqlite+aiosqlite:///{db}")
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if f.exists():
+            f.chmod(0o600)  # made 0644 by earlier versions; the ledger creates new files 0600
     broker_proc = None
     if "RELAY_KAFKA__BOOTSTRAP_SERVERS" not in env:
         broker_proc = EmbeddedBroker(port=kafka_port).start()
@@ -342,89 +375,133 @@ def run(
         env["RELAY_KAFKA__ENABLE_IDEMPOTENCE"] = "false"  # Tansu has no idempotent producer
     os.environ.update(env)
     settings = _settings()
+    if settings.phone_hash_key is None:
+        # One's own config without a key still gets a phone index: a key kept with the other local secrets.
+        key_file = STATE / "secrets" / "phone-hash-key"
+        env["RELAY_PHONE_HASH_KEY"] = os.environ["RELAY_PHONE_HASH_KEY"] = private_secret(key_file, 32)
+        settings = _settings()
+        console.print(
+            f"{config} sets no phone_hash_key: this run uses the one in {key_file} "
+            "(give it as RELAY_PHONE_HASH_KEY to `relay events find --phone`)"
+        )
 
     from services.common.ledger import migrate
 
     asyncio.run(migrate(settings.database_url))
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = {name: STATE / "logs" / f"{name}.log" for name, _, _ in ROLES}
+    # The demo config's credentials; with one's own config (and no demo run before), the sandboxes' defaults.
+    extra = {
+        name: [option, str(f)]
+        for name, option, f in (
+            ("sandbox-maxma", "--key-file", STATE / "secrets" / "maxma-key"),
+            ("sandbox-klientiks", "--token-file", STATE / "secrets" / "klientiks-token"),
+        )
+        if f.exists()
+    }
+
+    def spawner(name: str, args: list[str]) -> Callable[[], subprocess.Popen[bytes]]:
+        argv = [*args, "--port", str(ports[name]), "--host", "127.0.0.1", *extra.get(name, [])]
+        return lambda: _spawn(argv, env, logs[name])
+
+    supervisor = Supervisor(
+        {name: spawner(name, args) for name, args, _ in ROLES}, logs=logs, pid_dir=STATE / "pids"
+    )
+    code = 0
     try:
-        for name, args, port in ROLES:
-            extra = {
-                "sandbox-maxma": ["--key-file", str(STATE / "secrets" / "maxma-key")],
-                "sandbox-klientiks": ["--token-file", str(STATE / "secrets" / "klientiks-token")],
-            }.get(name, [])
-            procs[name] = _spawn(
-                [*args, "--port", str(port), "--host", "127.0.0.1", *extra],
-                env,
-                STATE / "logs" / f"{name}.log",
-            )
-        for name, _, port in ROLES:
+        supervisor.start()
+        procs = supervisor.procs
+        for name, _, _ in ROLES:
             probe = "/_sandbox/clients" if name.startswith("sandbox-") else "/readyz"
             try:
-                _wait_ready(f"http://127.0.0.1:{port}{probe}", procs[name])
+                _wait_ready(f"http://127.0.0.1:{ports[name]}{probe}", procs[name])
             except RuntimeError as e:
-                err.print(f"[red]{name} did not start: {e}; see {STATE / 'logs' / (name + '.log')}[/red]")
+                # At start a role that cannot come up is a problem to fix, not one to retry forever.
+                err.print(f"[red]{name} did not start: {e}; see {logs[name]}[/red]")
                 raise typer.Exit(1) from None
         console.print(
             f"[green]klientiks-relay is running[/green] (Kafka {env['RELAY_KAFKA__BOOTSTRAP_SERVERS']}, "
-            f"ledger {settings.database_url}, logs in {STATE / 'logs'})"
+            f"ledger {settings.database_url}, logs in {STATE / 'logs'}, pids in {STATE / 'pids'})"
         )
+        if broker_proc is not None:
+            console.print(
+                "[yellow]The embedded broker keeps everything in memory: stopping `relay run` loses "
+                "what is not delivered yet. For local use only.[/yellow]"
+            )
         for s in settings.sources:
-            _print_urls("http://127.0.0.1:8080", s.name, s.token.get_secret_value())
+            _print_urls(ingest_url, s.name, s.token.get_secret_value())
         if settings.sources:
             s0 = settings.sources[0]
             console.print('\nTry it (a seed-style "Добавление клиента" webhook):')
             console.print(
-                f"  curl -G 'http://127.0.0.1:8080/hooks/klientiks/{s0.token.get_secret_value()}/client-created' "
+                f"  curl -G '{ingest_url}/hooks/klientiks/{s0.token.get_secret_value()}/client-created' "
                 "--data-urlencode client_id=1001 --data-urlencode client_phone=79991234567 "
                 "--data-urlencode 'client_name=Иванова Анна Сергеевна' --data-urlencode client_first_name=Анна "
                 "--data-urlencode client_second_name=Иванова --data-urlencode client_email=anna@example.ru",
                 soft_wrap=True,
             )
-            console.print(f"  curl http://127.0.0.1:{sandbox_port}/_sandbox/clients\n")
+            console.print(f"  curl {sandbox_url}/_sandbox/clients\n")
         if demo and settings.sources:
-            _send_demo("http://127.0.0.1:8080", settings.sources[0].token.get_secret_value(), 5)
-        asyncio.run(_live_view(settings.database_url, procs))
+            _send_demo(ingest_url, settings.sources[0].token.get_secret_value(), 5)
+        code = asyncio.run(_live_view(settings.database_url, supervisor, broker_proc))
     except KeyboardInterrupt:
         pass
     finally:
-        _stop(procs)
-        if broker_proc is not None:
-            broker_proc.stop()
-        console.print("stopped")
+        _stop(supervisor, broker_proc)
+    if code:
+        raise typer.Exit(code)
 
 
-def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 25
-    for p in procs.values():
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
+def _stop(supervisor: Supervisor, broker: EmbeddedBroker | None) -> None:
+    """The roles first (they finish what is on the wire and commit), then the broker they use."""
+    console.print("stopping (Ctrl-C again kills everything at once)")
+    supervisor.stop()
+    if broker is not None:
+        broker.stop()
+    console.print("stopped")
 
 
-async def _live_view(database_url: str, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+async def _live_view(database_url: str, supervisor: Supervisor, broker: EmbeddedBroker | None) -> int:
+    """Deliveries and restarts as they happen, until Ctrl-C (0) or the embedded broker's death (1)."""
+    from rich.markup import escape
+
+    from services.common.display import safe_text
     from services.common.ledger import Ledger
+    from services.common.supervisor import Exited, Restarted, describe_status
 
     ledger = Ledger.from_url(database_url)
     since = datetime.now(UTC)
     console.print("[bold]Deliveries[/bold] (Ctrl-C stops everything):")
     try:
         while True:
-            for name, p in procs.items():
-                if p.poll() is not None:
-                    err.print(
-                        f"[red]{name} exited with status {p.returncode}; see .relay/logs/{name}.log[/red]"
+            for ev in supervisor.poll():
+                at = f"{datetime.now(UTC):%H:%M:%S}"
+                if isinstance(ev, Exited):
+                    console.print(
+                        f"{at} [red]{ev.role} exited ({describe_status(ev.status)})[/red], "
+                        f"restart {ev.attempt} in {ev.delay_s:g} s; see {escape(str(ev.log))}"
                     )
-                    return
+                elif isinstance(ev, Restarted):
+                    console.print(
+                        f"{at} [yellow]{ev.role} restarted[/yellow] (restart {ev.attempt}, pid {ev.pid})"
+                    )
+                else:
+                    console.print(
+                        f"{at} [red]{ev.role} could not be started: {escape(ev.error)}[/red], restart "
+                        f"{ev.attempt} in {ev.delay_s:g} s"
+                    )
+            if broker is not None and not broker.is_alive():
+                err.print(
+                    "[red]The embedded Kafka broker exited. It kept everything in memory, so that is lost: "
+                    "webhooks answered 202 but not delivered yet, the topics, the consumer offsets. Stopping "
+                    "everything; start `relay run` again.[/red]"
+                )
+                return 1
             for d in await ledger.recent(since):
                 since = max(since, d.updated_at)
                 colour = {"delivered": "green", "failed": "red"}.get(d.status.value, "yellow")
-                code = f" code {d.vendor_code}" if d.vendor_code else ""
-                note = f" ({d.error})" if d.error else ""
+                # A vendor's code and message are text from outside: no markup, no terminal escapes.
+                code = f" code {escape(safe_text(d.vendor_code))}" if d.vendor_code else ""
+                note = f" ({escape(safe_text(d.error))})" if d.error else ""
                 console.print(
                     f"{d.updated_at:%H:%M:%S} [{colour}]{d.status.value:<9}[/{colour}] {d.target}/{d.action} "
                     f"event {d.event_id} source {d.source} attempts {d.attempts}{code}{note}"
@@ -480,9 +557,38 @@ quarantine_app = typer.Typer(
 )
 app.add_typer(quarantine_app, name="quarantine")
 
+_MAX_LIMIT = 1_000_000
+_MAX_TIMEOUT = 3600.0
+_Text = TypeVar("_Text", str | None, list[str] | None)
+
+
+def _utf8(value: _Text) -> _Text:
+    """Option callback: reject text that is not UTF-8 (argv bytes that decode to lone surrogates).
+
+    Such text cannot be in the ledger or match a record, and the database drivers fail on it.
+    """
+    for text in [value] if isinstance(value, str) else value or []:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise typer.BadParameter(f"{safe_text(text)} is not UTF-8 text") from None
+    return value
+
+
+def _seconds(value: float) -> float:
+    """Option callback for --timeout: click's FloatRange lets nan through, and inf or 0 can never work."""
+    if not (math.isfinite(value) and 0 < value <= _MAX_TIMEOUT):
+        raise typer.BadParameter(f"{value} is not a number of seconds above 0 and at most {_MAX_TIMEOUT:g}")
+    return value
+
+
 TargetsOpt = Annotated[
     list[str] | None,
-    typer.Option("--target", help="A target whose DLQ to read; repeat for more (default: every target)."),
+    typer.Option(
+        "--target",
+        help="A target whose DLQ to read; repeat for more (default: every target).",
+        callback=_utf8,
+    ),
 ]
 SinceOpt = Annotated[
     str | None,
@@ -491,9 +597,14 @@ SinceOpt = Annotated[
     ),
 ]
 UntilOpt = Annotated[str | None, typer.Option(help="Last attempt before: an ISO time or an age, as --since.")]
-EventIdOpt = Annotated[str | None, typer.Option("--event-id", help="Only this event.")]
-ReasonOpt = Annotated[str | None, typer.Option(help="Only reasons containing this text (any case).")]
-ReadTimeoutOpt = Annotated[float, typer.Option(help="Seconds allowed to read the DLQ topics.")]
+EventIdOpt = Annotated[str | None, typer.Option("--event-id", help="Only this event.", callback=_utf8)]
+ReasonOpt = Annotated[
+    str | None, typer.Option(help="Only reasons containing this text (any case).", callback=_utf8)
+]
+LimitOpt = Annotated[int, typer.Option(min=1, max=_MAX_LIMIT, help="Show at most this many, newest first.")]
+ReadTimeoutOpt = Annotated[
+    float, typer.Option(help="Seconds allowed to read the DLQ topics (at most 3600).", callback=_seconds)
+]
 
 
 def _utc(t: datetime) -> str:
@@ -501,8 +612,14 @@ def _utc(t: datetime) -> str:
 
 
 def _cell(value: object) -> Text:
-    # Text, not a str: rich would read "[...]" in vendor messages and masks as markup.
-    return Text("" if value is None else str(value))
+    # Text, not a str: rich would read "[...]" in vendor messages and masks as markup. Escaped, as it may
+    # hold a webhook's escape sequences.
+    return Text("" if value is None else safe_text(str(value)))
+
+
+def _why(e: BaseException) -> str:
+    # A TimeoutError says nothing in str(e).
+    return safe_text(str(e) or type(e).__name__)
 
 
 def _dlq_filter(
@@ -513,7 +630,8 @@ def _dlq_filter(
 
     unknown = sorted(set(targets or ()) - set(TARGETS))
     if unknown:
-        raise typer.BadParameter(f"unknown target {', '.join(unknown)}; use one of {', '.join(TARGETS)}")
+        names = ", ".join(safe_text(t) for t in unknown)
+        raise typer.BadParameter(f"unknown target {names}; use one of {', '.join(TARGETS)}")
     times: dict[str, datetime | None] = {}
     for name, value in (("--since", since), ("--until", until)):
         try:
@@ -538,10 +656,11 @@ def _read_dead_letters(settings: Settings, flt: DlqFilter, timeout: float) -> li
         return asyncio.run(read_dlq(settings.kafka.bootstrap_servers, flt.targets, flt, timeout=timeout))
     except (TimeoutError, KafkaError, OSError) as e:
         err.print(
-            f"cannot read the DLQ topics from {settings.kafka.bootstrap_servers}: {e or type(e).__name__}; "
-            "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
-            style="red",
-            markup=False,
+            Text(
+                f"cannot read the DLQ topics from {safe_text(settings.kafka.bootstrap_servers)}: {_why(e)}; "
+                "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
+                style="red",
+            )
         )
         raise typer.Exit(1) from None
 
@@ -568,7 +687,7 @@ def _per_target(dead_letters: Sequence[DeadLetter]) -> str:
     counts: dict[str, int] = {}
     for dl in dead_letters:
         counts[dl.target] = counts.get(dl.target, 0) + 1
-    return ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))
+    return ", ".join(f"{safe_text(t)} {n}" for t, n in sorted(counts.items()))
 
 
 @dlq_app.command("list")
@@ -578,7 +697,7 @@ def dlq_list(
     until: UntilOpt = None,
     event_id: EventIdOpt = None,
     reason: ReasonOpt = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")] = 50,
+    limit: LimitOpt = 50,
     timeout: ReadTimeoutOpt = 30.0,
 ) -> None:
     """List dead letters, newest first (reasons are shown with personal data masked)."""
@@ -590,7 +709,8 @@ def dlq_list(
     newest = sorted(found, key=lambda d: d.last_attempt_at, reverse=True)[:limit]
     console.print(_dlq_table(newest))
     shown = f", showing the newest {len(newest)}" if len(newest) < len(found) else ""
-    console.print(f"{len(found)} dead letter(s) match ({_per_target(found)}){shown}")
+    # Text, not markup: the counts name what the records say.
+    console.print(Text(f"{len(found)} dead letter(s) match ({_per_target(found)}){shown}"))
 
 
 @dlq_app.command("replay")
@@ -619,7 +739,7 @@ def dlq_replay(
     if not found:
         console.print("no dead letters match; nothing to replay")
         return
-    console.print(f"{len(found)} dead letter(s) match ({_per_target(found)})")
+    console.print(Text(f"{len(found)} dead letter(s) match ({_per_target(found)})"))
     if dry_run:
         console.print(_dlq_table(sorted(found, key=lambda d: d.last_attempt_at)))
         console.print(f"dry run: {len(found)} would be replayed to {EVENTS}; nothing was published")
@@ -635,8 +755,10 @@ def dlq_replay(
         "delivered events are not delivered twice",
     )
     console.print(
-        f"replayed {count} dead letter(s) to {EVENTS} ({_per_target(found)}); the delivery services retry "
-        "them now. The dead letters stay in their DLQ topics: narrow a later replay with --since."
+        Text(
+            f"replayed {count} dead letter(s) to {EVENTS} ({_per_target(found)}); the delivery services "
+            "retry them now. The dead letters stay in their DLQ topics: narrow a later replay with --since."
+        )
     )
 
 
@@ -671,10 +793,11 @@ def _replay_with_progress(
         except (TimeoutError, KafkaError, OSError) as e:
             progress.stop()
             err.print(
-                f"replay stopped after {done} of {total}: {e or type(e).__name__}; "
-                f"running the same command again is safe ({why_safe})",
-                style="red",
-                markup=False,
+                Text(
+                    f"replay stopped after {done} of {total}: {_why(e)}; "
+                    f"running the same command again is safe ({why_safe})",
+                    style="red",
+                )
             )
             raise typer.Exit(1) from None
 
@@ -682,20 +805,27 @@ def _replay_with_progress(
 QReasonOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--reason", help="Only this reason code (no_id, bad_body, unknown_source, ...); repeat for more."
+        "--reason",
+        help="Only this reason code (no_id, bad_body, unknown_source, ...); repeat for more.",
+        callback=_utf8,
     ),
 ]
-QSourceOpt = Annotated[list[str] | None, typer.Option("--source", help="Only this source; repeat for more.")]
+QSourceOpt = Annotated[
+    list[str] | None, typer.Option("--source", help="Only this source; repeat for more.", callback=_utf8)
+]
 QEventOpt = Annotated[
     list[str] | None,
-    typer.Option("--event", help="Only this webhook (client-created, ...); repeat for more."),
+    typer.Option("--event", help="Only this webhook (client-created, ...); repeat for more.", callback=_utf8),
 ]
 QSinceOpt = Annotated[
     str | None,
     typer.Option(help="Received at or after: an ISO time (UTC without an offset) or an age: 30m, 1h, 2d."),
 ]
 QUntilOpt = Annotated[str | None, typer.Option(help="Received before: an ISO time or an age, as --since.")]
-QReadTimeoutOpt = Annotated[float, typer.Option(help="Seconds allowed to read the quarantine topic.")]
+QReadTimeoutOpt = Annotated[
+    float,
+    typer.Option(help="Seconds allowed to read the quarantine topic (at most 3600).", callback=_seconds),
+]
 
 
 def _quarantine_filter(
@@ -734,10 +864,11 @@ def _read_quarantined(settings: Settings, flt: QuarantineFilter, timeout: float)
         return asyncio.run(read_quarantine(settings.kafka.bootstrap_servers, flt, timeout=timeout))
     except (TimeoutError, KafkaError, OSError) as e:
         err.print(
-            f"cannot read {QUARANTINE} from {settings.kafka.bootstrap_servers}: {e or type(e).__name__}; "
-            "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
-            style="red",
-            markup=False,
+            Text(
+                f"cannot read {QUARANTINE} from {safe_text(settings.kafka.bootstrap_servers)}: {_why(e)}; "
+                "fix: check RELAY_KAFKA__BOOTSTRAP_SERVERS, or raise --timeout",
+                style="red",
+            )
         )
         raise typer.Exit(1) from None
 
@@ -752,12 +883,14 @@ def _quarantine_table(records: Sequence[Quarantined], params: bool = False) -> T
     for q in records:
         # Everything read from the record is masked: a bad_record may carry personal data in any field.
         row = [
-            _utc(q.received_at),
-            *(mask_text(v) for v in (q.source, q.event, q.event_id, q.reason, q.detail)),
+            _cell(_utc(q.received_at)),
+            *(_cell(mask_text(v)) for v in (q.source, q.event, q.event_id, q.reason, q.detail)),
         ]
         if params:
-            row.append("\n".join(f"{k}={v}" for k, v in quarantine_params(q)))
-        table.add_row(*(_cell(v) for v in row))
+            # One parameter a line: each name and value escaped on its own, so the line breaks stay.
+            pairs = quarantine_params(q)
+            row.append(Text("\n".join(f"{safe_text(k)}={safe_text(v)}" for k, v in pairs)))
+        table.add_row(*row)
     return table
 
 
@@ -767,7 +900,7 @@ def _per_reason(records: Sequence[Quarantined]) -> str:
     counts: dict[str, int] = {}
     for q in records:
         counts[q.reason or "none"] = counts.get(q.reason or "none", 0) + 1
-    return ", ".join(f"{mask_text(r)} {n}" for r, n in sorted(counts.items()))
+    return ", ".join(f"{safe_text(mask_text(r))} {n}" for r, n in sorted(counts.items()))
 
 
 @quarantine_app.command("list")
@@ -781,7 +914,7 @@ def quarantine_list(
     params: Annotated[
         bool, typer.Option("--params", help="Also show the request's parameters (personal data masked).")
     ] = False,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, newest first.")] = 50,
+    limit: LimitOpt = 50,
     timeout: QReadTimeoutOpt = 30.0,
 ) -> None:
     """List quarantined inbox records, newest first (personal data masked)."""
@@ -793,7 +926,8 @@ def quarantine_list(
     newest = sorted(found, key=lambda q: q.received_at, reverse=True)[:limit]
     console.print(_quarantine_table(newest, params))
     shown = f", showing the newest {len(newest)}" if len(newest) < len(found) else ""
-    console.print(f"{len(found)} quarantined record(s) match ({_per_reason(found)}){shown}")
+    # Text, not markup: a reason like "[/]" would be read as a tag.
+    console.print(Text(f"{len(found)} quarantined record(s) match ({_per_reason(found)}){shown}"))
 
 
 @quarantine_app.command("replay")
@@ -827,7 +961,7 @@ def quarantine_replay(
         console.print("no quarantined records match; nothing to replay")
         return
     repeats = f"; {len(found) - len(chosen)} repeated id(s) counted once" if len(found) > len(chosen) else ""
-    console.print(f"{len(chosen)} quarantined record(s) match ({_per_reason(chosen)}){repeats}")
+    console.print(Text(f"{len(chosen)} quarantined record(s) match ({_per_reason(chosen)}){repeats}"))
     if dry_run:
         console.print(_quarantine_table(chosen))
         console.print(f"dry run: {len(chosen)} would be replayed to {INBOX}; nothing was published")
@@ -869,13 +1003,14 @@ def _open_ledger(settings: Settings) -> Ledger:
     problem = _ledger_url_problem(settings.database_url)
     if problem:
         err.print(
-            f"cannot open the ledger {redact_url(settings.database_url)}: {problem}; "
-            "fix: set RELAY_DATABASE_URL to the services' database",
-            style="red",
-            markup=False,
+            Text(
+                f"cannot open the ledger {safe_text(redact_url(settings.database_url))}: {problem}; "
+                "fix: set RELAY_DATABASE_URL to the services' database",
+                style="red",
+            )
         )
         raise typer.Exit(2)
-    return Ledger.from_url(settings.database_url)
+    return Ledger.from_url(settings.database_url, phone_key=settings.phone_hash_key)
 
 
 def _ledger_failed(settings: Settings, e: Exception) -> typer.Exit:
@@ -884,10 +1019,11 @@ def _ledger_failed(settings: Settings, e: Exception) -> typer.Exit:
 
     first = (str(e).splitlines() or [type(e).__name__])[0]
     err.print(
-        f"cannot read the ledger {redact_url(settings.database_url)}: {mask_text(first)}; "
-        "fix: check RELAY_DATABASE_URL and run `relay db upgrade`",
-        style="red",
-        markup=False,
+        Text(
+            f"cannot read the ledger {safe_text(redact_url(settings.database_url))}: "
+            f"{safe_text(mask_text(first))}; fix: check RELAY_DATABASE_URL and run `relay db upgrade`",
+            style="red",
+        )
     )
     return typer.Exit(2)
 
@@ -909,7 +1045,9 @@ async def _load_event(
 
 @events_app.command("show")
 def events_show(
-    event_id: Annotated[str, typer.Argument(help="The event id (the ingest API's answer, or ce_id).")],
+    event_id: Annotated[
+        str, typer.Argument(help="The event id (the ingest API's answer, or ce_id).", callback=_utf8)
+    ],
 ) -> None:
     """What arrived, what it was normalized to, and every delivery attempt (personal data masked)."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -920,7 +1058,7 @@ def events_show(
     except (SQLAlchemyError, OSError) as e:
         raise _ledger_failed(settings, e) from None
     if found is None:
-        err.print(f"no event {event_id!r} in the ledger", style="red", markup=False)
+        err.print(Text(f"no event '{safe_text(event_id)}' in the ledger", style="red"))
         raise typer.Exit(1)
     record, deliveries, attempts = found
     _print_event_header(record)
@@ -930,7 +1068,7 @@ def events_show(
 
 
 def _print_event_header(record: EventRecord) -> None:
-    table = Table(show_header=False, box=None, title=Text(f"Event {record.id}", style="bold"))
+    table = Table(show_header=False, box=None, title=Text(f"Event {safe_text(record.id)}", style="bold"))
     status = f"quarantined: {record.quarantine_reason}" if record.quarantine_reason else "normalized"
     if not record.quarantine_reason and record.normalized is None:
         status = "not normalized"
@@ -960,16 +1098,20 @@ def _print_arrived(record: EventRecord) -> None:
     try:
         inbox = InboxRecord.from_bytes(record.inbox.encode())
     except ValidationError:
-        console.print(Text(f"an unreadable inbox record: {mask_text(record.inbox)}"))
+        console.print(Text(f"an unreadable inbox record: {safe_text(mask_text(record.inbox))}"))
         return
     console.print(
-        Text(f"{inbox.method} at {_utc(inbox.received_at)} UTC, content type {inbox.content_type or 'none'}")
+        Text(
+            f"{safe_text(inbox.method)} at {_utc(inbox.received_at)} UTC, "
+            f"content type {safe_text(inbox.content_type or 'none')}"
+        )
     )
     try:
         pairs = request_params(inbox.query, inbox.content_type, inbox.body_bytes())
     except ParamsError as e:
         pairs = parse_qsl(inbox.query, keep_blank_values=True)
-        console.print(Text(f"the body could not be read ({e}): {mask_text(inbox.body or '<binary>')}"))
+        body = mask_text(inbox.body or "<binary>")
+        console.print(Text(f"the body could not be read ({_why(e)}): {safe_text(body)}"))
     table = Table("Parameter", "Value")
     table.columns[1].overflow = "fold"
     for name, value in mask_pairs(pairs):
@@ -980,18 +1122,25 @@ def _print_arrived(record: EventRecord) -> None:
 def _print_normalized(record: EventRecord) -> None:
     import json
 
+    from rich.highlighter import JSONHighlighter
+
+    from services.common.display import safe_json
     from services.common.ops import mask_data, mask_text
 
     console.print(Text("\nHow it was normalized", style="bold"))
     if record.normalized is None:
-        console.print(Text(f"quarantined: {record.quarantine_reason or 'no reason recorded'}"))
+        console.print(Text(f"quarantined: {safe_text(record.quarantine_reason or 'no reason recorded')}"))
         return
     try:
         data = json.loads(record.normalized)
     except ValueError:
-        console.print(Text(mask_text(record.normalized)))
+        console.print(Text(safe_text(mask_text(record.normalized))))
         return
-    console.print_json(data=mask_data(data), ensure_ascii=False)
+    # Not console.print_json: its json.dumps leaves DEL, C1 controls, bidi marks and lone surrogates raw (a
+    # "\ud800" escape in the record's JSON is one), and printing a surrogate raises UnicodeEncodeError.
+    text = JSONHighlighter()(safe_json(mask_data(data)))
+    text.no_wrap = True
+    console.print(text, soft_wrap=True)
 
 
 def _print_deliveries(deliveries: Sequence[Delivery], attempts: dict[str, list[Any]]) -> None:
@@ -1011,7 +1160,7 @@ def _print_deliveries(deliveries: Sequence[Delivery], attempts: dict[str, list[A
     for d in sorted(deliveries, key=lambda d: (d.target, d.id)):
         table = Table(
             "#", "Started (UTC)", "Duration ms", "Outcome", "HTTP", "Vendor code", "Error",
-            title=Text(f"{d.target} {d.source}/{d.connection} {d.action}: {d.status.value}"),
+            title=Text(safe_text(f"{d.target} {d.source}/{d.connection} {d.action}: {d.status.value}")),
         )  # fmt: skip
         table.columns[-1].overflow = "fold"
         for a in attempts.get(d.idempotency_key, []):
@@ -1035,11 +1184,17 @@ async def _find_events(
 
 @events_app.command("find")
 def events_find(
-    phone: Annotated[str | None, typer.Option(help="The client's phone in any spelling.")] = None,
-    client_id: Annotated[str | None, typer.Option("--client-id", help="The Klientiks client id.")] = None,
-    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
-    region: Annotated[str, typer.Option(help="Phone region for numbers without a country code.")] = "RU",
-    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
+    phone: Annotated[
+        str | None, typer.Option(help="The client's phone in any spelling.", callback=_utf8)
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="The Klientiks client id.", callback=_utf8)
+    ] = None,
+    source: Annotated[str | None, typer.Option(help="Only this source.", callback=_utf8)] = None,
+    region: Annotated[
+        str, typer.Option(help="Phone region for numbers without a country code.", callback=_utf8)
+    ] = "RU",
+    limit: Annotated[int, typer.Option(min=1, max=_MAX_LIMIT, help="At most this many, newest first.")] = 20,
 ) -> None:
     """Find events by the client's phone or id, newest first."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -1054,10 +1209,16 @@ def events_find(
         e164 = normalize_phone(phone, region.upper())
         if e164 is None:
             raise typer.BadParameter(
-                f"{mask_phone(phone)} is not a valid phone number of region {region.upper()}",
+                f"{safe_text(mask_phone(phone))} is not a valid phone number of region "
+                f"{safe_text(region.upper())}",
                 param_hint="--phone",
             )
     settings = _settings()
+    if e164 and settings.phone_hash_key is None:
+        from services.common.ledger import PhoneSearchUnavailable
+
+        err.print(str(PhoneSearchUnavailable()), style="red", markup=False)
+        raise typer.Exit(2)
     try:
         found = asyncio.run(_find_events(settings, e164, client_id, source, limit))
     except (SQLAlchemyError, OSError) as e:

@@ -28,6 +28,7 @@ from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
 
 MAXMA_KEY = "test-processing-key-0123456789"
 SOURCE_TOKEN = "salon-token-0123456789abcdef"
+PHONE_KEY = "test-phone-hash-key-0123456789abcdef"
 
 
 class _TestServer(uvicorn.Server):

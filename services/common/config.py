@@ -36,6 +36,8 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Target-specific connection keys stay plain strings until the target's model types them; mask these in repr.
 _SECRET_KEY = re.compile(r"(key|token|secret|password)$", re.IGNORECASE)
 MIN_TOKEN_LENGTH = 16
+# The phone index key: `relay token` makes 32 characters (192 random bits).
+MIN_PHONE_KEY_LENGTH = 32
 
 
 class ConfigError(ValueError):
@@ -158,6 +160,8 @@ class KafkaSettings(Strict):
     replication_factor: int = Field(1, ge=1)
     partitions: dict[str, int] = Field(default_factory=dict)
     client_id: str = "klientiks-relay"
+    # A consumer failing, or not committing while records wait, this long is not ready (/readyz 503).
+    stall_after_s: float = Field(120.0, gt=0)
 
 
 class DeliverySettings(Strict):
@@ -200,8 +204,21 @@ class IngestSettings(Strict):
     rate_limit_burst: int = Field(200, ge=1)
     # Identical webhooks received within this window become one event.
     dedupe_window_s: float = Field(600.0, ge=0)
+    # Thin webhooks of one source waiting for the Klientiks API at most; past it they go to quarantine
+    # (`enrichment_backlog`), so a burst cannot grow without bound. At ~1 API request/s, 100 is minutes.
+    enrichment_backlog: int = Field(100, ge=1)
     # Spooled webhooks published per round when Kafka is back.
     spool_batch: int = Field(500, ge=1)
+    # The ingest API's connection limits (services/ingest/server.py): request line and headers over
+    # max_header_bytes are 431; headers not complete header_timeout_s after the connection opened (or the
+    # request's first byte, on a kept-alive connection) are 408, and so is a webhook body not read in full
+    # within body_timeout_s; an idle kept-alive connection closes after keepalive_timeout_s; a connection
+    # past max_connections is answered 503 with Retry-After and closed.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(10.0, gt=0, le=300)
+    keepalive_timeout_s: float = Field(5.0, gt=0, le=3600)
+    max_connections: int = Field(1000, ge=1)
 
 
 class Settings(BaseSettings):
@@ -220,6 +237,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     # Test-only crash points (see services.common.failpoints); empty in production.
     failpoints: frozenset[str] = frozenset()
+    # HMAC key of the ledger's phone index; unset: events are not findable by phone (nothing weaker is kept).
+    phone_hash_key: SecretStr | None = None
     sources: list[SourceConfig] = Field(default_factory=list)
 
     @classmethod
@@ -233,6 +252,19 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment wins over the file, the opposite of pydantic-settings' default.
         return (env_settings, init_settings)
+
+    @field_validator("phone_hash_key")
+    @classmethod
+    def _phone_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # `${PHONE_KEY:-}` left empty on purpose means "not set", not a one-character key.
+        if v is None or not v.get_secret_value().strip():
+            return None
+        if len(v.get_secret_value().strip()) < MIN_PHONE_KEY_LENGTH:
+            raise ValueError(
+                f"phone_hash_key must be at least {MIN_PHONE_KEY_LENGTH} characters (a short key can be "
+                "guessed, and with it every phone in the index); fix: generate one with `relay token`"
+            )
+        return SecretStr(v.get_secret_value().strip())
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:

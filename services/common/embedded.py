@@ -12,6 +12,7 @@ import ctypes.util
 import importlib.resources
 import os
 import pathlib
+import secrets
 import signal
 import socket
 import struct
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import IO
 
-__all__ = ["BrokerStartError", "EmbeddedBroker", "free_port", "kafka_ready", "tansu_binary"]
+__all__ = ["BrokerStartError", "EmbeddedBroker", "free_port", "kafka_ready", "private_secret", "tansu_binary"]
 
 _PR_SET_PDEATHSIG = 1
 _API_VERSIONS_KEY = 18
@@ -148,6 +149,19 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def private_secret(path: pathlib.Path, nbytes: int = 24) -> str:
+    """The secret kept in ``path``; made once (random, URL-safe) in a file only its owner can read."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        # O_EXCL with the mode: the file is never readable by others, not even between create and chmod.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secrets.token_urlsafe(nbytes))
+    return path.read_text(encoding="utf-8").strip()
+
+
 def _format_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -241,6 +255,8 @@ class EmbeddedBroker:
                 close_fds=True,
                 # preexec_fn (not thread-safe in general) is the only hook to call prctl in the child.
                 preexec_fn=pdeathsig_preexec(),
+                # A terminal's Ctrl-C reaches the owner only: it stops the broker after the roles using it.
+                start_new_session=True,
             )
         except OSError as exc:
             stderr.close()

@@ -56,6 +56,10 @@ def runtime_app(
         ]
         if failed:
             return PlainTextResponse(f"unreachable: {', '.join(failed)}", status_code=503)
+        if reason := runtime.stalled():
+            return PlainTextResponse(
+                f"stalled: {reason} for {runtime.watch.after_s:g} s or more", status_code=503
+            )
         return PlainTextResponse("ready")
 
     return app

@@ -7,8 +7,12 @@ previous one ran (group commit), so a thousand deliveries a second do not cost t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+import hmac
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -39,15 +43,20 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from services.common.logging import get_logger
 from services.common.outcome import Outcome, OutcomeKind
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from pydantic import SecretStr
+
+log = get_logger("relay.ledger")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MAX_BATCH = 500
 # Advisory lock id of the spool drainer (PostgreSQL): any constant the other code does not use.
 SPOOL_LOCK = 0x6B6C5350
+WAITING_LOCK = 0x6B6C5357  # the normalizer that releases records waiting for the Klientiks API
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -153,7 +162,7 @@ class EventRow(Base):
     event: Mapped[str] = mapped_column(String(32))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     client_id: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
-    # SHA-256 of the E.164 phone: findable by phone without keeping the phone in an index.
+    # HMAC-SHA256 of the E.164 phone under `phone_hash_key`: findable by phone, irreversible without the key.
     phone_hash: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     kafka_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     inbox: Mapped[str] = mapped_column(Text)
@@ -173,6 +182,20 @@ class SpoolRow(Base):
     kafka_key: Mapped[str] = mapped_column(Text)
     record: Mapped[str] = mapped_column(Text)  # the InboxRecord as JSON
     spooled_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WaitingRow(Base):
+    """An inbox record waiting for the Klientiks API (a thin webhook), or behind one of its key."""
+
+    __tablename__ = "ingest_waiting"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # order within a key
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(130), index=True)
+    inbox_key: Mapped[str] = mapped_column(String(400), index=True)
+    record: Mapped[str] = mapped_column(Text)  # the inbox record as read
+    thin: Mapped[int] = mapped_column(Integer)  # 1: it needs the API; 0: it only waits behind its key
+    waiting_since: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class DedupeRow(Base):
@@ -254,6 +277,22 @@ class Spooled:
     record: str
 
 
+def _waiting(r: Any) -> Waiting:
+    return Waiting(r.seq, r.event_id, r.source, r.inbox_key, r.record, bool(r.thin))
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """An inbox record held back by the normalizer until the Klientiks API completes it."""
+
+    seq: int
+    event_id: str
+    source: str
+    inbox_key: str
+    record: str
+    thin: bool
+
+
 @dataclass(frozen=True)
 class Seen:
     """One webhook as the dedupe window sees it."""
@@ -270,13 +309,56 @@ def idempotency_key(target: str, connection: str, action: str, event_id: str) ->
     return f"{target}:{connection}:{action}:{event_id}"
 
 
-def phone_hash(e164: str) -> str:
-    return hashlib.sha256(e164.encode()).hexdigest()
+def phone_hash(e164: str, key: bytes) -> str:
+    """The phone index value: a plain SHA-256 of a 10-digit number is reversed in minutes, an HMAC is not."""
+    return hmac.new(key, e164.encode(), hashlib.sha256).hexdigest()
+
+
+class PhoneSearchUnavailable(RuntimeError):
+    """Phone search asked of a ledger opened without ``phone_hash_key``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "phone search needs the phone index key; fix: set `phone_hash_key` in RELAY_CONFIG "
+            "(or RELAY_PHONE_HASH_KEY) to the key the normalizer uses"
+        )
+
+
+def _private_sqlite_file(database: str | None) -> bool:
+    """Create a new SQLite file 0600 before SQLite does (it would use 0644); its -wal/-shm copy the mode.
+
+    True when the file was there already and anyone may read it.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return False
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        # An existing file keeps the mode its operator gave it.
+        with contextlib.suppress(OSError):
+            return bool(path.stat().st_mode & stat.S_IROTH)
+        return False
+    except OSError:
+        return False  # no such folder, read-only, ...: SQLite reports it better when it opens the file
+    os.close(fd)  # an empty file is a valid, empty SQLite database
+    return False
 
 
 def make_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        warned = False
+
+        # Before every new connection, not at engine creation: building a ledger must not create a file.
+        @event.listens_for(engine.sync_engine, "do_connect")
+        def _create_private(*_: Any) -> None:
+            nonlocal warned
+            if _private_sqlite_file(database) and not warned:
+                warned = True
+                log.warning("the ledger file is world-readable", path=database, fix=f"chmod 600 {database}*")
+
         # Several processes share one file in the embedded run: WAL lets readers and a writer coexist.
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -383,18 +465,25 @@ _P = cast(Table, ParkedRow.__table__)
 _E = cast(Table, EventRow.__table__)
 _S = cast(Table, SpoolRow.__table__)
 _F = cast(Table, DedupeRow.__table__)
+_W = cast(Table, WaitingRow.__table__)
 
 
 class Ledger:
     """Idempotency, history and parked deliveries. One instance per process; safe for concurrent tasks."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, phone_key: SecretStr | None = None) -> None:
         self.engine = engine
         self._writes = _WriteQueue(engine, self._apply)
+        # Without a key no phone index is written at all: an unkeyed digest would be the weakness again.
+        self._phone_key = phone_key.get_secret_value().encode() if phone_key is not None else None
 
     @classmethod
-    def from_url(cls, url: str) -> Ledger:
-        return cls(make_engine(url))
+    def from_url(cls, url: str, *, phone_key: SecretStr | None = None) -> Ledger:
+        """``phone_key`` (``Settings.phone_hash_key``) is needed only to write or search the phone index."""
+        return cls(make_engine(url), phone_key=phone_key)
+
+    def _phone_hash(self, e164: str | None) -> str | None:
+        return phone_hash(e164, self._phone_key) if e164 and self._phone_key is not None else None
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -486,7 +575,7 @@ class Ledger:
         """Keep what arrived and what it became; the same id again (a replay) records its new outcome."""
         await self._writes.submit(
             "event", id=id, source=source, event=event, received_at=received_at, client_id=client_id,
-            phone_hash=phone_hash(phone) if phone else None, kafka_key=kafka_key, inbox=inbox,
+            phone_hash=self._phone_hash(phone), kafka_key=kafka_key, inbox=inbox,
             normalized=normalized, quarantine_reason=quarantine_reason, duplicate_of=duplicate_of,
         )  # fmt: skip
 
@@ -519,6 +608,78 @@ class Ledger:
     async def spool_depth(self) -> int:
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(_S))).scalar_one())
+
+    # -- records waiting for the Klientiks API (the normalizer) ----------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, lock: int) -> AsyncIterator[bool]:
+        """Whether this process holds ``lock`` (a PostgreSQL session lock) while the block runs.
+
+        Always True on SQLite, which one process uses at a time.
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        async with self.engine.connect() as conn:
+            got = bool((await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": lock})).scalar())
+            try:
+                yield got
+            finally:
+                if got:
+                    with contextlib.suppress(Exception):
+                        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock})
+
+    async def waiting_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of these inbox keys have a record waiting: later records of those keys wait behind it."""
+        if not keys:
+            return set()
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(_W.c.inbox_key).where(_W.c.inbox_key.in_(set(keys))).distinct())
+            return {r.inbox_key for r in rows}
+
+    async def waiting_thin(self) -> dict[str, int]:
+        """Per source, how many thin webhooks wait for the Klientiks API."""
+        q = select(_W.c.source, func.count()).where(_W.c.thin == 1).group_by(_W.c.source)
+        async with self.engine.connect() as conn:
+            return {r[0]: int(r[1]) for r in await conn.execute(q)}
+
+    async def hold(self, records: Sequence[Waiting]) -> None:
+        """Keep these records (in order) until :meth:`release`; a record held already stays as it is."""
+        if not records:
+            return
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            held = {
+                r.event_id
+                for r in await conn.execute(
+                    select(_W.c.event_id).where(_W.c.event_id.in_([w.event_id for w in records]))
+                )
+            }
+            rows = [
+                dict(event_id=w.event_id, source=w.source, inbox_key=w.inbox_key, record=w.record,
+                     thin=int(w.thin), waiting_since=now)
+                for w in records
+                if w.event_id not in held
+            ]  # fmt: skip
+            if rows:
+                await conn.execute(_W.insert(), rows)
+
+    async def waiting_heads(self, limit: int = 100) -> list[Waiting]:
+        """The oldest waiting record of each key (at most ``limit`` keys, oldest first)."""
+        heads = select(func.min(_W.c.seq).label("seq")).group_by(_W.c.inbox_key).subquery()
+        q = select(_W).join(heads, _W.c.seq == heads.c.seq).order_by(_W.c.seq).limit(limit)
+        async with self.engine.connect() as conn:
+            return [_waiting(r) for r in await conn.execute(q)]
+
+    async def waiting_next(self, inbox_key: str) -> Waiting | None:
+        q = select(_W).where(_W.c.inbox_key == inbox_key).order_by(_W.c.seq).limit(1)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+            return _waiting(row) if row else None
+
+    async def release(self, event_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(_W).where(_W.c.event_id == event_id))
 
     async def claim_fingerprints(self, seen: Sequence[Seen], *, window_s: float) -> dict[str, str]:
         """Remember these webhooks (in order); return {event id: first event id} for the repeats.
@@ -779,7 +940,9 @@ class Ledger:
     ) -> list[EventRecord]:
         conds = []
         if phone:
-            conds.append(_E.c.phone_hash == phone_hash(phone))
+            if self._phone_key is None:
+                raise PhoneSearchUnavailable
+            conds.append(_E.c.phone_hash == phone_hash(phone, self._phone_key))
         if client_id:
             conds.append(_E.c.client_id == client_id)
         if not conds:

@@ -8,8 +8,20 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 WEBHOOKS = Counter(
     "relay_webhooks_received_total",
-    "Webhook requests by event and outcome (accepted, spooled, not_found, too_large, bad_request, rate_limited, unavailable).",
+    "Webhook requests by event and outcome (accepted, spooled, not_found, too_large, bad_request, rate_limited, "
+    "unavailable, length_required, timeout, disconnected).",
     ["event", "outcome"],
+)
+INGEST_REFUSED = Counter(
+    "relay_ingest_connections_refused_total",
+    "Requests and connections the ingest API cut short, by reason (header_too_large, header_timeout, "
+    "body_timeout, too_many_connections, invalid_http).",
+    ["reason"],
+)
+INGEST_DISCONNECTS = Counter(
+    "relay_ingest_disconnects_total",
+    "Clients of the ingest API that closed the connection in the middle of a request, by stage (headers, body).",
+    ["stage"],
 )
 WEBHOOK_LATENCY = Histogram(
     "relay_webhook_request_seconds", "Time to answer a webhook request.", ["event"], buckets=_LATENCY
@@ -60,6 +72,16 @@ CIRCUITS_OPEN = Gauge(
 RATE_LIMIT_WAITS = Counter(
     "relay_rate_limit_waits_total", "Attempts that waited for a connection's rate limit.", ["target"]
 )
+CONSUMER_STALLED = Gauge(
+    "relay_consumer_stalled",
+    "1 while a consumer makes no progress, by reason (failing, stuck, not_committing); /readyz is 503 then.",
+    ["group", "reason"],
+)
+CONSUMER_BATCH_FAILURES = Counter(
+    "relay_consumer_batch_failures_total",
+    "Batches (or fetches) a consumer failed and will read again: Kafka or the ledger was unavailable.",
+    ["group"],
+)
 CONSUMER_LAG = Gauge(
     "relay_consumer_lag",
     "Records not yet committed: highwater - committed offset.",
@@ -70,8 +92,12 @@ KLIENTIKS_REQUESTS = Counter(
     "Klientiks REST API requests by action and outcome (ok, not_found, unauthorized, rate_limited, ...).",
     ["action", "outcome"],
 )
+ENRICHMENT_WAITING = Gauge(
+    "relay_enrichment_waiting_keys",
+    "Keys whose records wait in the ledger for the Klientiks API (a thin webhook first).",
+)
 ENRICHED = Counter(
     "relay_events_enriched_total",
-    "Thin webhooks completed from the Klientiks API, by outcome.",
+    "Thin webhooks completed from the Klientiks API, by outcome (enriched, not_found, backlog, ...).",
     ["event", "outcome"],
 )

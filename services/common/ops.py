@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +55,8 @@ _IDLE_POLLS = 3
 _POLL_MS = 100
 # Sends in flight at once while replaying; aiokafka keeps them in order per partition.
 _REPLAY_WINDOW = 500
+# Seconds a reader's consumer gets to close its connections once the read is over or has failed.
+_STOP_TIMEOUT = 5.0
 # Marks an inbox record put back by `relay quarantine replay`, so logs and debugging can tell it apart.
 QUARANTINE_REPLAY_HEADER = ("relay-replay", b"quarantine")
 
@@ -71,8 +74,9 @@ def _parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        return _aware(datetime.fromisoformat(text))
-    except ValueError:
+        # In UTC now: "0001-01-01T00:00+01:00" parses, but converting it later for display would overflow.
+        return _aware(datetime.fromisoformat(text)).astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
 
 
@@ -183,8 +187,12 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     """``30m``, ``1h``, ``2d`` ago, or an ISO 8601 time (UTC when it has no offset); raise ValueError."""
     m = _DURATION.match(text)
     if m:
-        ago = timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
-        return (now or datetime.now(UTC)) - ago
+        try:
+            ago = timedelta(**{_UNITS[m.group(2).lower()]: float(m.group(1))})
+            return (now or datetime.now(UTC)) - ago
+        except OverflowError:
+            # timedelta and datetime stop at 999999999 days and the year 1: an OverflowError otherwise.
+            raise ValueError(f"{text!r} is too long ago: an age reaches back to the year 1 at most") from None
     try:
         return _aware(datetime.fromisoformat(text.strip().replace("Z", "+00:00")))
     except ValueError:
@@ -363,7 +371,8 @@ async def read_dlq(
     """Every matching dead letter of the targets' DLQ topics, from the start to their end as of now.
 
     No consumer group and no commits. A topic that does not exist yet has no dead letters. Raise
-    TimeoutError when the topics cannot be read to their end within ``timeout`` seconds.
+    TimeoutError when the topics cannot be read to their end within ``timeout`` seconds, ValueError when
+    ``timeout`` is not a finite number above 0.
     """
     flt = flt or DlqFilter()
 
@@ -384,7 +393,7 @@ async def read_quarantine(
     """Every matching record of klientiks.quarantine.v1, from its start to its end as of now.
 
     In partition and offset order (one key's records keep their order). No consumer group and no
-    commits; a topic that does not exist yet is empty. Raise TimeoutError as :func:`read_dlq` does.
+    commits; a topic that does not exist yet is empty. Raise as :func:`read_dlq` does.
     """
     flt = flt or QuarantineFilter()
 
@@ -401,6 +410,8 @@ async def _read_topics(
     keep: Callable[[Any], _T | None],
     timeout: float,  # noqa: ASYNC109
 ) -> list[_T]:
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"the timeout must be a number of seconds above 0, not {timeout!r}")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -409,10 +420,12 @@ async def _read_topics(
         fetch_max_wait_ms=50,
         request_timeout_ms=max(1000, int(timeout * 1000)),
     )
-    found: list[_T] = []
-    async with asyncio.timeout(timeout):
-        await consumer.start()
-        try:
+    # Stopped whatever happens, a failed or timed-out start() included: a consumer left open keeps its
+    # connections and background tasks, and asyncio reports it as unclosed. Outside the timeout, which
+    # may already have run out.
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.start()
             existing = await consumer.topics()
             tps = [
                 TopicPartition(topic, p)
@@ -424,11 +437,11 @@ async def _read_topics(
                 return []
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            found = await _read_to_end(consumer, tps, keep)
-        finally:
-            with contextlib.suppress(Exception):
+            return await _read_to_end(consumer, tps, keep)
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_STOP_TIMEOUT):
                 await consumer.stop()
-    return found
 
 
 async def _read_to_end(

@@ -9,11 +9,15 @@ from faststream.asgi import AsgiResponse, get
 from faststream.kafka import KafkaBroker
 from prometheus_client import make_asgi_app
 
+from services.common.stall import StallWatch
+
 Check = Callable[[], Awaitable[bool]]
 
 
-def worker_routes(broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = ()) -> list[tuple[str, Any]]:
-    """``/healthz`` (alive), ``/readyz`` (broker and every check reachable), ``/metrics``."""
+def worker_routes(
+    broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = (), progress: StallWatch | None = None
+) -> list[tuple[str, Any]]:
+    """``/healthz`` (alive), ``/readyz`` (broker and every check reachable, consumer not stalled), ``/metrics``."""
 
     @get(include_in_schema=False)
     async def healthz(scope: Any) -> AsgiResponse:
@@ -27,6 +31,8 @@ def worker_routes(broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = ())
                 failed.append(name)
         if failed:
             return AsgiResponse(f"unreachable: {', '.join(failed)}".encode(), 503)
+        if progress is not None and (reason := progress.reason()):
+            return AsgiResponse(f"stalled: {reason} for {progress.after_s:g} s or more".encode(), 503)
         return AsgiResponse(b"ready", 200)
 
     return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app())]

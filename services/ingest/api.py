@@ -21,13 +21,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import make_asgi_app
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from services.common.config import Settings, SourceConfig
 from services.common.delivery.protection import TokenBucket
 from services.common.events import EventName, new_event_id, utcnow
 from services.common.ledger import Ledger, upgrade
 from services.common.logging import get_logger
-from services.common.metrics import INBOX_PUBLISH_LATENCY, WEBHOOK_LATENCY, WEBHOOKS
+from services.common.metrics import (
+    INBOX_PUBLISH_LATENCY,
+    INGEST_DISCONNECTS,
+    INGEST_REFUSED,
+    WEBHOOK_LATENCY,
+    WEBHOOKS,
+)
 from services.ingest.inbox import InboxRecord
 from services.ingest.parsing import KNOWN, Params, ParamsError, request_params, routing_key
 from services.ingest.spool import InboxWriter, Unavailable
@@ -35,6 +42,8 @@ from services.ingest.spool import InboxWriter, Unavailable
 MAX_BODY = 64 * 1024
 MAX_QUERY = 8 * 1024
 EVENTS = frozenset(e.value for e in EventName)
+# After a 408 or 411 the rest of the connection cannot be framed as requests.
+_CLOSE = {"Connection": "close"}
 
 log = get_logger("relay.ingest.api")
 _log_level = logging.getLogger("relay.ingest.api")  # the stdlib logger behind `log`
@@ -58,17 +67,37 @@ class Problem(BaseModel):
     detail: str
 
 
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": Problem, "description": "The body cannot be read as parameters"},
     404: {"model": Problem, "description": "Unknown token or event (indistinguishable)"},
+    408: {
+        "model": Problem,
+        "description": "The headers (`ingest.header_timeout_s`, 10 s) or the body (`ingest.body_timeout_s`, "
+        "10 s) did not arrive in time; the connection is closed",
+    },
+    411: {
+        "model": Problem,
+        "description": "A POST with neither Content-Length nor Transfer-Encoding: chunked; nothing is published",
+    },
     413: {"model": Problem, "description": "The body is over 64 KiB"},
     414: {"model": Problem, "description": "The query string is over 8 KiB"},
     429: {
         "model": Problem,
         "description": "The source is over its webhook rate limit",
-        "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+        "headers": _RETRY_AFTER,
     },
-    503: {"model": Problem, "description": "Kafka and the spool are both unavailable; retry later"},
+    431: {
+        "model": Problem,
+        "description": "The request line and headers are over `ingest.max_header_bytes` (16 KiB); "
+        "the connection is closed",
+    },
+    503: {
+        "model": Problem,
+        "description": "Kafka and the spool are both unavailable, or the server holds `ingest.max_connections` "
+        "connections already (then with Retry-After, and the connection is closed); retry later",
+        "headers": _RETRY_AFTER,
+    },
 }
 
 
@@ -179,6 +208,7 @@ def create_api(
         )
         for s in settings.sources
     }
+    body_timeout_s = settings.ingest.body_timeout_s
     ledger = Ledger.from_url(settings.database_url)
     inbox = InboxWriter(settings, ledger, producer_factory)
 
@@ -237,7 +267,7 @@ def create_api(
         if len(query) > MAX_QUERY:
             WEBHOOKS.labels(event, "too_large").inc()
             raise HTTPException(414, f"the query string is over {MAX_QUERY} bytes")
-        body = await _read_body(request, event)
+        body = await _read_body(request, event, body_timeout_s)
         content_type = request.headers.get("content-type")
         try:
             params = Params.of(request_params(query, content_type, body))
@@ -302,16 +332,37 @@ def create_api(
     return app
 
 
-async def _read_body(request: Request, event: str) -> bytes:
-    declared = request.headers.get("content-length")
+async def _read_body(request: Request, event: str, timeout_s: float) -> bytes:
+    headers = request.headers
+    declared = headers.get("content-length")
+    if declared is None and "transfer-encoding" not in headers:
+        # Without either header an HTTP/1.1 request has no body, and whatever the client sent as one is
+        # read as the next request: a POST would be published without its parameters, then answered 400.
+        if request.method == "POST":
+            WEBHOOKS.labels(event, "length_required").inc()
+            raise HTTPException(411, "a POST needs Content-Length or Transfer-Encoding: chunked", _CLOSE)
+        return b""
     if declared and declared.isdigit() and int(declared) > MAX_BODY:
         WEBHOOKS.labels(event, "too_large").inc()
         raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            WEBHOOKS.labels(event, "too_large").inc()
-            raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    WEBHOOKS.labels(event, "too_large").inc()
+                    raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        WEBHOOKS.labels(event, "timeout").inc()
+        INGEST_REFUSED.labels("body_timeout").inc()
+        log.info("webhook body too slow", webhook=event, received=size, timeout_s=timeout_s)
+        raise HTTPException(408, f"the body did not arrive within {timeout_s:g} s", _CLOSE) from None
+    except ClientDisconnect:
+        WEBHOOKS.labels(event, "disconnected").inc()
+        INGEST_DISCONNECTS.labels("body").inc()
+        log.info("client disconnected before the end of the body", webhook=event, received=size)
+        # Nobody reads this answer; nginx's "client closed request" says what happened.
+        raise HTTPException(499, "client closed the connection") from None
     return b"".join(chunks)

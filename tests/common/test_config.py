@@ -544,3 +544,36 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     s: Settings = load_settings(write(tmp_path, VALID))
     with pytest.raises(ValueError, match="frozen"):
         s.database_url = "x"  # type: ignore[misc]
+
+
+# The phone index key (issue 8, part 7)
+
+PHONE_KEY = "phone-index-key-0123456789abcdef-xyz"
+
+
+def test_phone_hash_key_from_a_secret_file_is_secret(tmp_path: Path) -> None:
+    (tmp_path / "phone-key").write_text(PHONE_KEY + "\n")
+    settings = load_settings(write(tmp_path, "phone_hash_key: ${file:phone-key}\n"))
+    assert settings.phone_hash_key is not None
+    assert settings.phone_hash_key.get_secret_value() == PHONE_KEY
+    assert PHONE_KEY not in repr(settings)
+
+
+def test_phone_hash_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_PHONE_HASH_KEY", PHONE_KEY)
+    key = load_settings().phone_hash_key
+    assert key is not None
+    assert key.get_secret_value() == PHONE_KEY
+
+
+def test_phone_hash_key_unset_or_empty_means_no_phone_index(tmp_path: Path) -> None:
+    assert load_settings().phone_hash_key is None
+    assert load_settings(write(tmp_path, "phone_hash_key: ${PHONE_KEY:-}\n")).phone_hash_key is None
+
+
+def test_short_phone_hash_key_is_refused_without_showing_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "phone_hash_key: short-key-123\n"))
+    assert "phone_hash_key: phone_hash_key must be at least 32 characters" in problems(err)
+    assert "fix: generate one with `relay token`" in problems(err)
+    assert "short-key-123" not in problems(err)

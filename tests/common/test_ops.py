@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from services.cli import app
@@ -34,7 +35,7 @@ from services.common.ops import (
 )
 from services.common.outcome import Outcome
 from services.ingest.inbox import InboxRecord
-from tests.support import read_all
+from tests.support import PHONE_KEY, read_all
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 PHONE = "+79161234567"
@@ -347,7 +348,7 @@ OTHER = event("evt-other", "1843", phone="+79995554433")
 
 
 async def _fill_ledger(url: str) -> None:
-    ledger = Ledger.from_url(url)
+    ledger = Ledger.from_url(url, phone_key=SecretStr(PHONE_KEY))
     try:
         await upgrade(ledger.engine)
         for ev, query in (
@@ -388,6 +389,7 @@ def ledger_env(db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     asyncio.run(_fill_ledger(db_url))
     monkeypatch.delenv("RELAY_CONFIG", raising=False)
     monkeypatch.setenv("RELAY_DATABASE_URL", db_url)
+    monkeypatch.setenv("RELAY_PHONE_HASH_KEY", PHONE_KEY)
     monkeypatch.setenv("COLUMNS", "250")
     return db_url
 
@@ -445,6 +447,21 @@ def test_cli_events_find_by_phone_in_any_spelling_and_by_client_id(ledger_env: s
     result = runner.invoke(app, ["events", "find"])
     assert result.exit_code == 2
     assert "give --phone or --client-id" in result.output
+
+
+def test_cli_events_find_by_phone_without_the_key_says_what_to_set(
+    ledger_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RELAY_PHONE_HASH_KEY")
+    result = runner.invoke(app, ["events", "find", "--phone", "8 (916) 123-45-67"])
+    assert result.exit_code == 2
+    assert "phone search needs the phone index key" in result.output
+    assert "phone_hash_key" in result.output
+    # Another key finds nothing: the index is an HMAC, not a digest anyone can recompute.
+    monkeypatch.setenv("RELAY_PHONE_HASH_KEY", "another-phone-index-key-0123456789")
+    result = runner.invoke(app, ["events", "find", "--phone", "8 (916) 123-45-67"])
+    assert result.exit_code == 0, result.output
+    assert "no events found" in result.output
 
 
 def test_cli_events_without_a_ledger_does_not_create_one(

@@ -23,7 +23,7 @@ from services.common.ops import QuarantineFilter, read_quarantine, replay_quaran
 from services.ingest.inbox import InboxRecord
 from services.ingest.normalizer import create_normalizer
 from services.sandbox.klientiks import KlientiksSandbox, SandboxAccount, create_klientiks_sandbox
-from tests.support import read_all, serve_app
+from tests.support import PHONE_KEY, read_all, serve_app
 
 TOKEN = "salon-token-0123456789abcdef"
 PLAIN = "plain-token-0123456789abcdef"
@@ -56,6 +56,7 @@ async def stack(kafka: KafkaSettings, tmp_path: Path) -> AsyncIterator[Stack]:
             {
                 "kafka": kafka.model_dump(),
                 "database_url": f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}",
+                "phone_hash_key": PHONE_KEY,
                 "sources": [
                     {
                         "name": "salon",
@@ -117,7 +118,7 @@ async def test_a_thin_webhook_is_completed_and_keyed_by_its_client(
     assert "client_phone" not in data.missing
     calls = await stack.requests()
     assert [c["action"] for c in calls] == ["getAppointment"]  # the client came inside the appointment
-    ledger = Ledger.from_url(stack.settings.database_url)
+    ledger = Ledger.from_url(stack.settings.database_url, phone_key=stack.settings.phone_hash_key)
     try:
         kept = await ledger.event("e-thin")
         assert kept is not None

@@ -13,7 +13,7 @@ from services.common.kafka import EVENTS, INBOX, QUARANTINE
 from services.common.ledger import Ledger
 from services.ingest.inbox import InboxRecord
 from services.ingest.normalizer import create_normalizer
-from tests.support import read_all, serve_app
+from tests.support import PHONE_KEY, read_all, serve_app
 
 TOKEN = "salon-token-0123456789abcdef"
 
@@ -29,7 +29,12 @@ async def test_records_become_events_and_bad_ones_are_quarantined(
 ) -> None:
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
     settings = Settings.model_validate(
-        {"kafka": kafka.model_dump(), "database_url": db_url, "sources": [{"name": "salon", "token": TOKEN}]}
+        {
+            "kafka": kafka.model_dump(),
+            "database_url": db_url,
+            "phone_hash_key": PHONE_KEY,
+            "sources": [{"name": "salon", "token": TOKEN}],
+        }
     )
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
     await producer.start()
@@ -66,7 +71,7 @@ async def test_records_become_events_and_bad_ones_are_quarantined(
     assert b"\x00 not a record" in [r.value for r in quarantined]
 
     # The history keeps what arrived and what it became, findable by id, client id and phone.
-    ledger = Ledger.from_url(db_url)
+    ledger = Ledger.from_url(db_url, phone_key=settings.phone_hash_key)
     try:
         kept = await ledger.event("e-good")
         assert kept is not None

@@ -45,6 +45,7 @@ from services.common.metrics import (
     RATE_LIMIT_WAITS,
 )
 from services.common.outcome import Outcome, OutcomeKind
+from services.common.stall import StallWatch
 
 log = get_logger("relay.delivery")
 
@@ -137,6 +138,7 @@ class DeliveryRuntime:
         self._paused = False
         self._tasks: list[asyncio.Task[None]] = []
         self._committed: dict[TopicPartition, int] = {}
+        self.watch = StallWatch(self.group_id, settings.kafka.stall_after_s)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -185,6 +187,10 @@ class DeliveryRuntime:
         """Records held in memory, waiting for or in delivery."""
         return sum(self._buffered.values())
 
+    def stalled(self) -> str | None:
+        """Why the runtime makes no progress (:class:`StallWatch`), or None."""
+        return self.watch.reason()
+
     async def ready(self) -> bool:
         return (
             self._consumer is not None
@@ -203,9 +209,11 @@ class DeliveryRuntime:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                self.watch.failed()
                 log.error("fetch failed", error=repr(e))
                 await asyncio.sleep(1)
                 continue
+            self.watch.succeeded()
             for tp, records in batch.items():
                 if tp not in self._offsets or tp in self._revoking:
                     continue
@@ -526,6 +534,8 @@ class DeliveryRuntime:
         offsets = {}
         for tp in tps:
             o = self._offsets[tp].committable() if tp in self._offsets else None
+            if tp in self._offsets:
+                self.watch.position(tp, o, self._offsets[tp].pending)
             if o is not None and self._committed.get(tp) != o:
                 offsets[tp] = o
         if offsets:
@@ -568,6 +578,8 @@ class DeliveryRuntime:
     async def _drain(self, tps: Sequence[TopicPartition]) -> None:
         """Let the lanes of ``tps`` finish what is on the wire, then commit what is done."""
         self._revoking.update(tps)
+        for tp in tps:
+            self.watch.forget(tp)
         lanes = [lane for lane in self._lanes.values() if lane.tp in self._revoking and lane.task is not None]
         tasks = [lane.task for lane in lanes if lane.task is not None]
         if tasks:
