@@ -36,7 +36,7 @@ from services.common.metrics import (
     WEBHOOKS,
 )
 from services.ingest.inbox import InboxRecord
-from services.ingest.parsing import KNOWN, Params, ParamsError, request_params, routing_key
+from services.ingest.parsing import KNOWN, ROUTING, Params, ParamsError, request_params, routing_key
 from services.ingest.spool import InboxWriter, Unavailable
 
 MAX_BODY = 64 * 1024
@@ -270,7 +270,7 @@ def create_api(
         body = await _read_body(request, event, body_timeout_s)
         content_type = request.headers.get("content-type")
         try:
-            params = Params.of(request_params(query, content_type, body))
+            pairs = request_params(query, content_type, body)
         except ParamsError as e:
             WEBHOOKS.labels(event, "bad_request").inc()
             raise HTTPException(400, str(e)) from None
@@ -287,7 +287,7 @@ def create_api(
         t0 = time.perf_counter()
         try:
             outcome = await inbox.write(
-                record.id, routing_key(source.name, params).encode(), record.to_bytes()
+                record.id, routing_key(source.name, Params.of(pairs, ROUTING)).encode(), record.to_bytes()
             )
         except Unavailable:
             WEBHOOKS.labels(event, "unavailable").inc()
@@ -308,8 +308,8 @@ def create_api(
                 webhook=event,
                 event_id=record.id,
                 method=request.method,
-                params=len(params.values),
-                missing=sorted(params.missing),
+                params=len(pairs),
+                missing=sorted(Params.of(pairs).missing),
                 spooled=outcome == "spooled",
                 ms=round(elapsed * 1000, 2),
             )

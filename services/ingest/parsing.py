@@ -114,12 +114,12 @@ def clean_text(raw: str) -> str | None:
     None when it is not text at all: a lone surrogate, which is what an undecodable byte or a ``\\ud800``
     escape becomes. Whatever else comes back is printable (``str.isprintable``), possibly empty.
     """
+    if raw.isprintable() and "  " not in raw and unicodedata.is_normalized("NFC", raw):
+        return raw.strip()  # the common case, in C: cheap on the request path (no surrogate is printable)
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError:
         return None
-    if raw.isascii() and raw.isprintable() and "  " not in raw:
-        return raw.strip()  # the common case, cheap on the request path
     kept = (
         " " if ch.isspace() else ch
         for ch in raw
@@ -230,11 +230,14 @@ class Params:
     missing: dict[str, str] = field(default_factory=dict)  # field -> "empty" | "placeholder" | "invalid"
 
     @classmethod
-    def of(cls, pairs: list[tuple[str, str]]) -> Params:
+    def of(cls, pairs: list[tuple[str, str]], keys: frozenset[str] | None = None) -> Params:
+        """The parameters, or only those named in ``keys`` (all that the ingest API needs for a key)."""
         p = cls()
         for raw_key, raw_value in pairs:
             name = clean_text(raw_key)
             key = canonical_key(name) if name else ""
+            if keys is not None and key not in keys:
+                continue
             if len(key) > NAME_CAP or (raw_key.strip() and not key):
                 p.missing.setdefault(BAD_NAME, "invalid")
                 continue
@@ -258,6 +261,9 @@ class Params:
 
     def get(self, key: str) -> str | None:
         return self.values.get(key)
+
+
+ROUTING = frozenset({"client_id", "appointment_id"})  # what :func:`routing_key` reads
 
 
 def routing_key(source: str, params: Params) -> str:

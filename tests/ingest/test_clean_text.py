@@ -20,13 +20,16 @@ from services.ingest.inbox import InboxRecord
 from services.ingest.parsing import (
     BAD_NAME,
     KNOWN,
+    ROUTING,
     Normalized,
+    Params,
     ParamsError,
     Rejected,
     cap_of,
     clean_text,
     normalize,
     request_params,
+    routing_key,
 )
 from services.maxma.mapping import MappingError, new_client_body
 
@@ -320,3 +323,16 @@ def _assert_event_clean(event: CloudEvent) -> None:
         return
     for name, value in body["client"].items():
         assert_clean(value, MAXMA_CAPS[name])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.sampled_from(["client_id", "Client.ID", "appointment_id", "appointment-id", "x"]) | TEXTS,
+                  st.sampled_from(["", "7", " 8 ", "{{client_id}}", "1\u200b", "x"]) | TEXTS),
+        max_size=8,
+    )
+)  # fmt: skip
+def test_the_api_keys_a_webhook_as_the_full_parameters_would(pairs: list[tuple[str, str]]) -> None:
+    # The API reads only the two ids for the inbox key: it must be the key the whole parameters give.
+    assert routing_key("salon", Params.of(pairs, ROUTING)) == routing_key("salon", Params.of(pairs))
