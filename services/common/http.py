@@ -58,7 +58,8 @@ def runtime_app(
             return PlainTextResponse(f"unreachable: {', '.join(failed)}", status_code=503)
         if reason := runtime.stalled():
             return PlainTextResponse(
-                f"stalled: {reason} for {runtime.watch.after_s:g} s or more", status_code=503
+                f"stalled: {runtime.watch.group} {reason} for {runtime.watch.after_s:g} s or more",
+                status_code=503,
             )
         return PlainTextResponse("ready")
 

@@ -15,7 +15,7 @@ Check = Callable[[], Awaitable[bool]]
 
 
 def worker_routes(
-    broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = (), progress: StallWatch | None = None
+    broker: KafkaBroker, checks: Sequence[tuple[str, Check]] = (), progress: Sequence[StallWatch] = ()
 ) -> list[tuple[str, Any]]:
     """``/healthz`` (alive), ``/readyz`` (broker and every check reachable, consumer not stalled), ``/metrics``."""
 
@@ -31,8 +31,11 @@ def worker_routes(
                 failed.append(name)
         if failed:
             return AsgiResponse(f"unreachable: {', '.join(failed)}".encode(), 503)
-        if progress is not None and (reason := progress.reason()):
-            return AsgiResponse(f"stalled: {reason} for {progress.after_s:g} s or more".encode(), 503)
+        for watch in progress:
+            if reason := watch.reason():
+                return AsgiResponse(
+                    f"stalled: {watch.group} {reason} for {watch.after_s:g} s or more".encode(), 503
+                )
         return AsgiResponse(b"ready", 200)
 
     return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app())]

@@ -197,7 +197,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
     apis = KlientiksApis.from_settings(settings)
     producers: list[AIOKafkaProducer] = []
     watch = StallWatch(GROUP, settings.kafka.stall_after_s)
-    waiting = _Waiting(ledger)
+    waiting = _Waiting(ledger, StallWatch(f"{GROUP}-waiting", settings.kafka.stall_after_s))
     background: list[asyncio.Task[None]] = []
 
     @broker.subscriber(
@@ -215,9 +215,10 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
             outs = [route(r.value, r.key, settings) for r in records]
             await _drop_repeats(outs)
             live = [o for o in outs if o.duplicate_of is None]
-            held = await _hold_back(live)
             # History first: an event on the topic is always findable with `relay events show`.
             await _write_history(outs)
+            held, refused = await _hold_back(live)
+            await _write_history(refused)  # their new outcome
             await _publish([o for o in live if not o.waits])
             await msg.ack()
         except Exception as e:
@@ -253,17 +254,21 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
             and needs_enrichment(o.event)
         )
 
-    async def _hold_back(live: list[_Out]) -> bool:
-        """Hold thin webhooks, and records whose key has one waiting, in the ledger; True if any."""
+    async def _hold_back(live: list[_Out]) -> tuple[bool, list[_Out]]:
+        """Hold thin webhooks, and records whose key has one waiting, in the ledger.
+
+        Returns whether any was held, and the thin ones past the backlog (now quarantined).
+        """
         candidates = [o for o in live if o.topic == EVENTS and o.inbox_key is not None]
         thin = {id(o) for o in candidates if _thin(o)}
         keys = {_text(o.inbox_key) for o in candidates if o.inbox_key is not None}
         waiting_keys = await ledger.waiting_keys(sorted(keys)) if thin or waiting.any else set()
         if not thin and not waiting_keys:
-            return False
+            return False, []
         backlog = await ledger.waiting_thin() if thin else {}
         limit = settings.ingest.enrichment_backlog
         held: list[Waiting] = []
+        refused: list[_Out] = []
         for o in candidates:
             assert o.inbox_key is not None
             assert o.event_id is not None
@@ -274,6 +279,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
                     ENRICHED.labels(o.webhook or "unknown", "backlog").inc()
                     o.quarantine("enrichment_backlog", f"{limit} thin webhooks of this source already wait "
                                  "for the Klientiks API (ingest.enrichment_backlog)")  # fmt: skip
+                    refused.append(o)
                     continue
                 backlog[o.source] = backlog.get(o.source, 0) + 1
             elif key not in waiting_keys:
@@ -285,7 +291,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         if held:
             waiting.generation += 1
             waiting.any = True
-        return bool(held)
+        return bool(held), refused
 
     async def _write_history(outs: list[_Out]) -> None:
         """One transaction for the batch; if it fails, one record at a time finds the records at fault."""
@@ -346,6 +352,10 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
             ENRICHED.labels(o.webhook or "unknown", reason).inc()
             o.quarantine(reason, f"Klientiks API: {e}")
             return
+        except Exception as e:  # a bug on reading what the API said: this record only, never its key
+            ENRICHED.labels(o.webhook or "unknown", "error").inc()
+            o.quarantine("enrichment_error", f"the Klientiks API's answer could not be read: {e!r}")
+            return
         if appointment is None and client is None:
             ENRICHED.labels(o.webhook or "unknown", "not_found").inc()
             log.warning("thin webhook not found in the Klientiks API; sent as it came", event_id=o.event_id,
@@ -396,7 +406,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
 
     return AsgiFastStream(
         broker,
-        asgi_routes=worker_routes(broker, [("database", ledger.ping)], progress=watch),
+        asgi_routes=worker_routes(broker, [("database", ledger.ping)], progress=[watch, waiting.watch]),
         on_startup=[startup],
         after_shutdown=[shutdown],
     )
@@ -408,8 +418,9 @@ class _Waiting:
     POLL_S = 0.5
     LOCK_RETRY_S = 5.0
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, watch: StallWatch) -> None:
         self.ledger = ledger
+        self.watch = watch  # a held record that keeps failing to be released (Kafka or the ledger)
         self.wake = asyncio.Event()
         # Whether any key may have a record waiting: while not, a batch needs no look at the ledger.
         self.any = True
@@ -450,8 +461,10 @@ class _Waiting:
         try:
             while w is not None:
                 await self.release(w)
+                self.watch.succeeded()
                 w = await self.ledger.waiting_next(key)
         except Exception as e:  # Kafka or the ledger: the record stays held and is tried on a later poll
+            self.watch.failed()
             log.error("a waiting record could not be released; trying again", error=repr(e)[:300])
             await asyncio.sleep(1)
         finally:

@@ -148,7 +148,7 @@ async def test_a_normalizer_that_keeps_failing_is_not_ready_until_it_recovers(
 
             await eventually(lambda: _is(ready, 503), timeout=20, what="/readyz 503")
             answer = await http.get("/readyz")
-            assert "stalled: failing" in answer.text
+            assert "stalled: relay-normalizer failing" in answer.text
             metrics = (await http.get("/metrics")).text
             assert 'relay_consumer_stalled{group="relay-normalizer",reason="failing"} 1.0' in metrics
             assert 'relay_consumer_batch_failures_total{group="relay-normalizer"}' in metrics

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from services.common.config import KafkaSettings, load_settings
@@ -231,3 +232,29 @@ async def test_a_full_buffer_pauses_the_partitions(kafka: KafkaSettings, tmp_pat
         # One fetch (at most 500 records) may land after the threshold; never the 1,500 waiting.
         assert 0 < peak <= 20 + 500
         assert len(t.sandbox.requests) < 1500
+
+
+async def test_a_partition_that_cannot_commit_makes_the_service_not_ready_until_it_moves(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    async with maxma_target(tmp_path) as t:
+        settings = load_settings(
+            t.config, kafka={**kafka.model_dump(), "stall_after_s": 1.0}, database_url=t.db_url,
+            delivery=FAST_DELIVERY,
+        )  # fmt: skip
+        t.sandbox.add_fault({"mode": "delay", "seconds": 4, "times": 1, "match": {"externalId": "A"}})
+        async with serve_app(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
+            await publish_events(kafka.bootstrap_servers, client_event("a0", "A", "+79160000001"))
+
+            async def status() -> int:
+                return (await http.get("/readyz")).status_code
+
+            await eventually(lambda: _is(status, 503), timeout=10, what="not ready while A hangs")
+            answer = await http.get("/readyz")
+            assert "stalled: relay-maxma not_committing" in answer.text
+            await eventually(lambda: _is(status, 200), timeout=15, what="ready once A is delivered")
+            assert len(t.sandbox.clients) == 1
+
+
+async def _is(check: Any, expected: int) -> bool:
+    return bool(await check() == expected)
