@@ -43,7 +43,7 @@ HOST = "127.0.0.1"
 OPEN_LOOP_CONNECTIONS = 256
 QUERIES = 4096  # distinct prebuilt queries: building them must not cost the load generator CPU
 
-# The same uvicorn settings as services.cli._serve.
+# The same uvicorn settings as services.cli.roles.serve.
 BARE_APP = """
 import sys
 from uuid import uuid4

@@ -1,0 +1,40 @@
+"""``relay``: every process role and operator command. The one place that imports more than one service.
+
+One module per command group: ``roles`` (the long-running processes and ``db``), ``run`` (the local run and
+``demo``), ``events``, ``dlq``, ``quarantine``, ``configcmd`` (config, urls, token, docs); ``options``,
+``render`` and ``topics`` are what they share. Services are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from services.cli import configcmd, dlq, events, quarantine, roles, run
+from services.cli.run import ROLES
+
+__all__ = ["ROLES", "app", "main"]
+
+app = typer.Typer(
+    help="klientiks-relay: Klientiks webhooks to Kafka events to Maxma, CPA.House, Weeek, Plarin.",
+    no_args_is_help=True,
+)
+# `relay --help` lists the commands, then the groups, each in the order they are added here.
+app.command("maxma")(roles.maxma)
+app.command("broker")(roles.broker)
+app.command("docs")(configcmd.docs)
+app.command("token")(configcmd.token)
+app.command("urls")(configcmd.urls)
+app.command("run")(run.run)
+app.command("demo")(run.demo)
+app.add_typer(roles.ingest_app, name="ingest")
+app.add_typer(roles.sandbox_app, name="sandbox")
+app.add_typer(roles.db_app, name="db")
+app.add_typer(configcmd.config_app, name="config")
+app.add_typer(dlq.dlq_app, name="dlq")
+app.add_typer(events.events_app, name="events")
+app.add_typer(quarantine.quarantine_app, name="quarantine")
+
+
+def main() -> None:
+    """The ``relay`` console script."""
+    app()

@@ -1,0 +1,137 @@
+"""The long-running roles (ingest API and normalizer, maxma, the sandboxes, the broker) and `relay db`.
+
+A role imports its service only inside its command, so a process carries just the service it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+
+from services.cli.options import read_settings
+from services.cli.render import config_failed, console
+from services.common.config import ConfigError
+from services.common.logging import configure_logging
+
+ingest_app = typer.Typer(help="The ingest service roles.", no_args_is_help=True)
+sandbox_app = typer.Typer(help="Fake target APIs for the local run, demos and tests.", no_args_is_help=True)
+db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+
+HostOpt = Annotated[str, typer.Option(help="Interface to listen on.")]
+PortOpt = Annotated[int, typer.Option(help="HTTP port (webhooks, /metrics, /healthz, /readyz).")]
+MigrateOpt = Annotated[bool, typer.Option(help="Apply ledger migrations at start (embedded SQLite).")]
+
+
+def serve(asgi: Any, host: str, port: int, **options: Any) -> None:
+    """Serve ``asgi`` with uvicorn; ``options`` are more uvicorn keywords (the ingest API's limits)."""
+    # No access log: request lines carry the source token and personal data in the URL.
+    uvicorn.run(
+        asgi,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=20,
+        **options,
+    )
+
+
+@ingest_app.command("api")
+def ingest_api(
+    host: HostOpt = "0.0.0.0",  # noqa: S104
+    port: PortOpt = 8080,
+    migrate: MigrateOpt = False,
+) -> None:
+    """Receive webhooks and publish them to klientiks.inbox.v1 (spooled in the ledger while Kafka is down)."""
+    from services.ingest.api import create_api
+    from services.ingest.server import uvicorn_options
+
+    settings = read_settings()
+    serve(create_api(settings, migrate=migrate), host, port, **uvicorn_options(settings.ingest))
+
+
+@ingest_app.command("normalizer")
+def ingest_normalizer(
+    host: HostOpt = "0.0.0.0",  # noqa: S104
+    port: PortOpt = 8081,
+    migrate: MigrateOpt = False,
+) -> None:
+    """Turn inbox records into typed events on klientiks.events.v1."""
+    from services.ingest.normalizer import create_normalizer
+
+    serve(create_normalizer(read_settings(), migrate=migrate), host, port)
+
+
+def maxma(
+    host: HostOpt = "0.0.0.0",  # noqa: S104
+    port: PortOpt = 8082,
+    migrate: MigrateOpt = False,
+) -> None:
+    """Deliver events to Maxma."""
+    from services.maxma.app import create_app
+
+    try:
+        asgi = create_app(read_settings(), migrate=migrate)
+    except ConfigError as e:
+        raise config_failed(e) from None
+    serve(asgi, host, port)
+
+
+@sandbox_app.command("maxma")
+def sandbox_maxma(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8090,
+    key_file: Annotated[Path | None, typer.Option(help="File holding the accepted X-Processing-Key.")] = None,
+) -> None:
+    """A fake Maxma API that answers like the real one and can be told to fail."""
+    from services.sandbox.maxma import create_maxma_app
+
+    configure_logging()
+    keys = {key_file.read_text().strip()} if key_file else None
+    serve(create_maxma_app(processing_keys=keys), host, port)
+
+
+@sandbox_app.command("klientiks")
+def sandbox_klientiks(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8091,
+    token_file: Annotated[Path | None, typer.Option(help="File holding the accepted access token.")] = None,
+    account_id: Annotated[str, typer.Option(help="Accepted account_id.")] = "21947",
+    user_id: Annotated[str, typer.Option(help="Accepted user_id.")] = "113421",
+    seed: Annotated[int, typer.Option(help="Seed of the generated clients and visits.")] = 1,
+) -> None:
+    """A fake Klientiks REST API (visits, clients) that answers like the real one and can be told to fail."""
+    from services.sandbox.klientiks import DEFAULT_ACCOUNT, SandboxAccount, create_klientiks_sandbox
+
+    configure_logging()
+    token = token_file.read_text().strip() if token_file else DEFAULT_ACCOUNT.access_token
+    account = SandboxAccount(account_id, user_id, token)
+    serve(create_klientiks_sandbox([account], seed=seed), host, port)
+
+
+def broker(port: Annotated[int, typer.Option(help="Kafka port.")] = 9092) -> None:
+    """Run the embedded Tansu broker in the foreground (memory storage: a restart loses everything)."""
+    from services.common.embedded import EmbeddedBroker
+
+    with EmbeddedBroker(port=port).start() as b:
+        console.print(f"Kafka-protocol broker on {b.bootstrap_servers} (pid {b.pid}); Ctrl-C stops it")
+        try:
+            while b.is_alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the ledger's Alembic migrations to RELAY_DATABASE_URL."""
+    from services.common.ledger import migrate
+
+    asyncio.run(migrate(read_settings().database_url))
+    console.print("ledger is up to date")
