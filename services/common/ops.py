@@ -25,7 +25,7 @@ from services.common.delivery.runtime import REPLAY_ACTION, REPLAY_CONNECTION, R
 from services.common.dlq import PREFIX
 from services.common.events import header
 from services.common.kafka import EVENTS, INBOX, QUARANTINE, dlq_topic
-from services.common.logging import mask_processor
+from services.common.masking import mask_data, mask_pairs, mask_text
 
 __all__ = [
     "QUARANTINE_REPLAY_HEADER",
@@ -544,22 +544,3 @@ async def _settle(
             last_report = time.monotonic()
     window.clear()
     return done
-
-
-# ---------------------------------------------------------------------------------------------- masking
-
-
-def mask_text(text: str) -> str:
-    """Free text (a vendor's error description) with phones, e-mails and credentials masked."""
-    return str(mask_processor(None, "ops", {"text": text})["text"])
-
-
-def mask_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Request parameters masked by name (``client_phone``, ``client_name``, ...) and by content."""
-    masked = mask_processor(None, "ops", {"params": [(k, v) for k, v in pairs]})["params"]
-    return [(str(k), str(v)) for k, v in masked]
-
-
-def mask_data(data: Any) -> Any:
-    """A JSON-like structure with personal values masked by key (phone, email, names) and by content."""
-    return mask_processor(None, "ops", {"data": data})["data"]

@@ -28,7 +28,6 @@ redirect, or an HTML login page; a rate limit is HTTP 429, maybe with ``Retry-Af
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import random
 import re
@@ -48,6 +47,7 @@ from services.common.events import CloudEvent
 from services.common.httpclient import make_transport
 from services.common.logging import get_logger
 from services.common.metrics import KLIENTIKS_REQUESTS
+from services.common.vendorhttp import Failure, error_failure, parse_retry_after, send, status_failure
 from services.ingest.enrichment import client_from_appointment, client_id_from_appointment
 
 __all__ = [
@@ -139,22 +139,6 @@ def account_limiter(account_id: str, rate_per_s: float) -> RateLimiter:
 # ------------------------------------------------------------------------------------------------ answers
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
-
-
 @dataclass(frozen=True)
 class _Answer:
     data: Any  # the parsed JSON; None means "Klientiks says it does not exist"
@@ -197,17 +181,17 @@ def classify(action: str, status: int, headers: httpx.Headers, body: bytes) -> _
         return KlientiksError("unauthorized", retryable=False, status=status, action=action)
     if status == 404:
         return _NOT_FOUND
-    if status == 408:
-        return KlientiksError("timeout", retryable=True, status=status, action=action)
-    if status == 429:
-        return KlientiksError(
-            "rate_limited", retryable=True, status=status, action=action, retry_after=retry_after
-        )
-    if status >= 500:
-        return KlientiksError(
-            "server_error", retryable=True, status=status, action=action, retry_after=retry_after
-        )
-    return KlientiksError("bad_request", retryable=False, status=status, action=action)
+    failure = status_failure(status)
+    if failure is None:
+        return KlientiksError("bad_request", retryable=False, status=status, action=action)
+    return KlientiksError(
+        failure.value,
+        retryable=True,
+        status=status,
+        action=action,
+        # A 408 is about our request, not a pause the server asks of the account.
+        retry_after=None if failure is Failure.TIMEOUT else retry_after,
+    )
 
 
 def _items(data: Any) -> list[dict[str, Any]]:
@@ -403,7 +387,7 @@ class KlientiksApiClient:
                 elapsed_ms=elapsed_ms,
                 waited_ms=round(waited * 1000, 1),
             )
-            if error.reason == "rate_limited":
+            if error.reason == Failure.RATE_LIMITED:
                 # The whole account was told to slow down, not only this call.
                 self._limiter.hold(self._retry_after(error))
             if last:
@@ -412,26 +396,25 @@ class KlientiksApiClient:
         raise error
 
     async def _send(self, action: str, url: httpx.URL) -> tuple[int, httpx.Headers, bytes] | KlientiksError:
-        request = httpx.Request(
-            "GET", url, headers=_HEADERS, extensions={"timeout": httpx.Timeout(self._timeout_s).as_dict()}
-        )
-        failure: str | None = None
+        failure: Failure | None = None
         try:
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._transport.handle_async_request(request)
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-        except (httpx.TimeoutException, TimeoutError):
-            failure = "timeout"
+            response = await send(
+                self._transport,
+                "GET",
+                url,
+                headers=_HEADERS,
+                timeout_s=self._timeout_s,
+                deadline_s=self._timeout_s,
+            )
         except Exception as e:
-            # Only the type: the message of a transport error may carry the URL.
-            failure = "network"
-            log.debug("klientiks transport error", action=action, error=type(e).__name__)
-        # Built outside the except blocks, so the httpx exception (and its URL) is not even the __context__.
+            # Anything the transport raises is the network failing: enrichment must not crash on it.
+            failure = error_failure(e) or Failure.NETWORK
+            if failure is Failure.NETWORK:
+                # Only the type: the message of a transport error may carry the URL.
+                log.debug("klientiks transport error", action=action, error=type(e).__name__)
+        # Built outside the except block, so the httpx exception (and its URL) is not even the __context__.
         if failure is not None:
-            return KlientiksError(failure, retryable=True, action=action)
+            return KlientiksError(failure.value, retryable=True, action=action)
         return response.status_code, response.headers, response.content
 
     def _retry_after(self, error: KlientiksError) -> float:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import email.utils
-import time
-from datetime import UTC
 from typing import Any
 
 import httpx
 
-from services.common.httpclient import send_json
 from services.common.outcome import Outcome
+from services.common.vendorhttp import error_outcome, send, status_outcome
 
 # Maxma answers processing errors as HTTP 200 with {"errorCode": N, "description": ...}.
 ALREADY_EXISTS = {
@@ -20,23 +17,6 @@ ALREADY_EXISTS = {
 }
 ALREADY_DONE = {17: "already processed", 32: "order already processed"}
 TRY_LATER = {1: "general error", 49: "temporarily unavailable"}
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # not "²": str.isdigit() accepts it, float() does not
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = now if now is not None else time.time()
-    return max(0.0, when.timestamp() - current)
 
 
 def _error_code(value: Any) -> int | None:
@@ -52,14 +32,9 @@ def _error_code(value: Any) -> int | None:
 
 def classify(status: int, headers: httpx.Headers, body: bytes) -> Outcome:
     """Success, retryable or permanent, from one HTTP answer of Maxma."""
-    # 408: the server gave up waiting for our request, a timeout like any other.
-    if status in (408, 429) or status >= 500:
-        return Outcome.retryable(
-            f"HTTP {status}",
-            http_status=status,
-            retry_after=parse_retry_after(headers.get("retry-after")),
-            throttle=status in (408, 429),
-        )
+    retry = status_outcome(status, headers)
+    if retry is not None:
+        return retry
     data: Any = None
     with contextlib.suppress(ValueError):
         data = httpx.Response(status, content=body).json()
@@ -119,11 +94,11 @@ class MaxmaClient:
         }
         try:
             url = self._urls.get(method) or self._urls.setdefault(method, httpx.URL(f"{self._base}/{method}"))
-            resp = await send_json(self._transport, url, body, headers=headers, timeout_s=self._timeout)
-        except httpx.TimeoutException as e:
-            return Outcome.retryable(f"timeout: {type(e).__name__}", throttle=True)
+            resp = await send(
+                self._transport, "POST", url, json=body, headers=headers, timeout_s=self._timeout
+            )
         except httpx.TransportError as e:
-            return Outcome.retryable(f"connection failed: {type(e).__name__}")
+            return error_outcome(e)
         return classify(resp.status_code, resp.headers, resp.content)
 
     async def new_client(self, body: dict[str, Any], *, idempotency_key: str) -> Outcome:

@@ -498,6 +498,16 @@ def test_classify_errors(
     assert answer.retry_after == (7.0 if status == 429 else None)
 
 
+@pytest.mark.parametrize(
+    ("status", "retry_after"), [(429, 3.0), (503, 3.0), (408, None), (401, None), (400, None)]
+)
+def test_classify_keeps_retry_after_for_429_and_5xx_only(status: int, retry_after: float | None) -> None:
+    answer = classify("clients", status, httpx.Headers({"retry-after": "3"}), b"")
+    assert isinstance(answer, KlientiksError)
+    assert answer.retry_after == retry_after
+    assert type(answer.reason) is str
+
+
 @pytest.mark.parametrize("body", [b"", b"null", b"[]", b"{}", b'""'])
 def test_classify_empty_answers_are_not_found(body: bytes) -> None:
     answer = classify("getAppointment", 200, httpx.Headers({}), body)

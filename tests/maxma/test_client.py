@@ -16,7 +16,7 @@ import pytest
 import respx
 
 from services.common.outcome import Outcome, OutcomeKind
-from services.maxma.client import MaxmaClient, classify, parse_retry_after
+from services.maxma.client import MaxmaClient, classify
 
 BASE = "https://api.maxma.test/v2"
 KEY = "mx-processing-key-5f1e2d3c"
@@ -213,28 +213,6 @@ def test_4xx_with_already_exists_code_is_success() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# parse_retry_after
-
-
-def test_parse_retry_after_seconds() -> None:
-    assert parse_retry_after("7") == 7.0
-    assert parse_retry_after(" 120 ") == 120.0
-    assert parse_retry_after("0") == 0.0
-
-
-def test_parse_retry_after_http_date() -> None:
-    now = 1445412470.0  # Wed, 21 Oct 2015 07:27:50 GMT
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=now) == 10.0
-    # A date in the past means "now", never a negative wait.
-    assert parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now=now) == 0.0
-
-
-@pytest.mark.parametrize("value", [None, "", "soon", "-5", "1.5", "через минуту", "²"])
-def test_parse_retry_after_junk(value: str | None) -> None:
-    assert parse_retry_after(value) is None
-
-
-# ---------------------------------------------------------------------------------------------------------
 # MaxmaClient.call with a mocked transport
 
 
@@ -347,6 +325,7 @@ def test_request_timeout_408_is_retryable() -> None:
     out = classify(408, httpx.Headers(), b"")
     assert out.kind is OutcomeKind.RETRYABLE
     assert out.http_status == 408
+    assert out.throttle
 
 
 @pytest.mark.parametrize(("code", "kind"), [("24", OutcomeKind.SUCCESS), ("25", OutcomeKind.PERMANENT)])
