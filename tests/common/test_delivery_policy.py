@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.common.delivery.policy import RetryPolicy, parse_schedule
+from services.common.delivery.policy import MAX_RETRY_AFTER_S, RetryPolicy, parse_schedule
 from services.common.outcome import Outcome
 
 DEFAULT_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
@@ -192,8 +194,24 @@ def test_delay_within_bounds(
         return
     assert delay is not None
     base = policy.schedule[attempts_done - 1]
-    floor = max(base * (1 - jitter), retry_after or 0.0, policy.throttle_floor_s if throttle else 0.0)
-    ceiling = max(base * (1 + jitter), retry_after or 0.0, policy.throttle_floor_s if throttle else 0.0)
+    after = min(retry_after or 0.0, MAX_RETRY_AFTER_S)  # a Retry-After is followed for a day at most
+    floor = max(base * (1 - jitter), after, policy.throttle_floor_s if throttle else 0.0)
+    ceiling = max(base * (1 + jitter), after, policy.throttle_floor_s if throttle else 0.0)
     assert delay >= 0
-    assert delay >= (retry_after or 0.0)
+    assert delay >= after
     assert floor - 1e-9 <= delay <= ceiling + 1e-9
+
+
+@pytest.mark.parametrize("after", [99_999_999_999_999.0, float("inf"), 1e308])
+def test_a_huge_retry_after_is_followed_for_a_day_at_most(after: float) -> None:
+    policy = RetryPolicy(schedule=(0, 5), jitter=0)
+    delay = policy.next_delay(1, Outcome.retryable("busy", retry_after=after))
+    assert delay == MAX_RETRY_AFTER_S
+    assert delay is not None
+    timedelta(seconds=delay)  # what the runtime does with it: no OverflowError
+
+
+@pytest.mark.parametrize("after", [float("nan"), -5.0])
+def test_a_nonsense_retry_after_is_ignored(after: float) -> None:
+    policy = RetryPolicy(schedule=(0, 5), jitter=0)
+    assert policy.next_delay(2, Outcome.retryable("busy", retry_after=after)) == 5

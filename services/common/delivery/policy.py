@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from services.common.outcome import Outcome, OutcomeKind
 
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A Retry-After is followed up to a day: a target's answer must not park a delivery for ever, nor overflow
+# a datetime (`Retry-After: 99999999999999`).
+MAX_RETRY_AFTER_S = 86_400.0
 _STEP = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smh]?)")
 
 
@@ -53,7 +56,8 @@ class RetryPolicy:
         low, high = base * (1 - self.jitter), base * (1 + self.jitter)
         delay = low + (high - low) * rand()
         # The target knows its own recovery time better than our schedule does.
-        delay = max(delay, outcome.retry_after or 0.0)
+        after = outcome.retry_after or 0.0
+        delay = max(delay, min(after, MAX_RETRY_AFTER_S) if after > 0 else 0.0)  # NaN and negatives: ignored
         if outcome.throttle:
             delay = max(delay, self.throttle_floor_s)
         return max(delay, 0.0)
