@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import httpx
 import typer
@@ -20,7 +21,7 @@ from rich.table import Table
 from services.cli.configcmd import print_urls, to_yaml
 from services.cli.options import read_settings
 from services.cli.render import console, err
-from services.common.config import load_settings
+from services.common.config import Settings, load_settings
 from services.common.display import safe_text
 
 if TYPE_CHECKING:
@@ -35,6 +36,29 @@ ROLES: list[tuple[str, list[str], int]] = [
     ("normalizer", ["ingest", "normalizer"], 8081),
     ("maxma", ["maxma"], 8082),
 ]
+
+
+def _local(url: str, port: int) -> bool:
+    """Whether ``url`` points at this machine's ``port`` (a sandbox that `relay run` would start)."""
+    parts = urlsplit(url)
+    return parts.hostname in ("127.0.0.1", "localhost", "::1") and parts.port == port
+
+
+def roles_for(settings: Settings, ports: dict[str, int]) -> list[str]:
+    """The roles a config needs, in start order: a delivery service only for a target it has connections
+    for, a sandbox only when a connection or a source's Klientiks API points at it."""
+    from services.common.config import target_connections
+    from services.maxma.settings import MaxmaConnection
+
+    maxma = [conn for _, conn in target_connections(settings, "maxma", MaxmaConnection)]
+    wanted = {"ingest-api", "normalizer"}
+    if maxma:
+        wanted.add("maxma")
+    if any(_local(conn.base_url, ports["sandbox-maxma"]) for conn in maxma):
+        wanted.add("sandbox-maxma")
+    if any(s.klientiks and _local(s.klientiks.base_url, ports["sandbox-klientiks"]) for s in settings.sources):
+        wanted.add("sandbox-klientiks")
+    return [name for name, _, _ in ROLES if name in wanted]
 
 
 def _secret(name: str) -> str:
@@ -172,7 +196,9 @@ def run(
     from services.common.ledger import migrate
 
     asyncio.run(migrate(settings.database_url))
-    logs = {name: STATE / "logs" / f"{name}.log" for name, _, _ in ROLES}
+    roles = roles_for(settings, ports)
+    args_of = {name: args for name, args, _ in ROLES}
+    logs = {name: STATE / "logs" / f"{name}.log" for name in roles}
     # The demo config's credentials; with one's own config (and no demo run before), the sandboxes' defaults.
     extra = {
         name: [option, str(f)]
@@ -188,13 +214,13 @@ def run(
         return lambda: _spawn(argv, env, logs[name])
 
     supervisor = Supervisor(
-        {name: spawner(name, args) for name, args, _ in ROLES}, logs=logs, pid_dir=STATE / "pids"
+        {name: spawner(name, args_of[name]) for name in roles}, logs=logs, pid_dir=STATE / "pids"
     )
     code = 0
     try:
         supervisor.start()
         procs = supervisor.procs
-        for name, _, _ in ROLES:
+        for name in roles:
             probe = "/_sandbox/clients" if name.startswith("sandbox-") else "/readyz"
             try:
                 _wait_ready(f"http://127.0.0.1:{ports[name]}{probe}", procs[name])
@@ -223,7 +249,8 @@ def run(
                 "--data-urlencode client_second_name=Иванова --data-urlencode client_email=anna@example.ru",
                 soft_wrap=True,
             )
-            console.print(f"  curl {sandbox_url}/_sandbox/clients\n")
+            if "sandbox-maxma" in roles:
+                console.print(f"  curl {sandbox_url}/_sandbox/clients\n")
         if demo and settings.sources:
             _send_demo(ingest_url, settings.sources[0].token.get_secret_value(), 5)
         code = asyncio.run(_live_view(settings.database_url, supervisor, broker_proc))
