@@ -11,6 +11,7 @@ import typer
 
 from services.cli import configcmd, dlq, events, quarantine, roles, run
 from services.cli.run import ROLES
+from services.common import targets
 
 __all__ = ["ROLES", "app", "main"]
 
@@ -19,7 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 # `relay --help` lists the commands, then the groups, each in the order they are added here.
-app.command("maxma")(roles.maxma)
+for _name in targets.names():  # `relay maxma`, ...: one delivery service per registered target
+    _spec = targets.get(_name)
+    app.command(_name)(roles.delivery_role(_name, _spec.title, _spec.port))
 app.command("broker")(roles.broker)
 app.command("docs")(configcmd.docs)
 app.command("token")(configcmd.token)

@@ -32,14 +32,12 @@ def to_yaml(data: Any) -> str:
 @config_app.command("check")
 def config_check() -> None:
     """Validate RELAY_CONFIG, including every connection's target-specific keys."""
-    from services.common.config import target_connections
-    from services.maxma.settings import MaxmaConnection
+    from services.common import targets
 
     settings = read_settings()
-    try:
-        list(target_connections(settings, "maxma", MaxmaConnection))
-    except ConfigError as e:
-        raise config_failed(e) from None
+    problems = targets.check(settings)
+    if problems:
+        raise config_failed(ConfigError(problems, str(settings.config) if settings.config else None))
     conns = sum(len(s.connections) for s in settings.sources)
     console.print(f"ok: {len(settings.sources)} source(s), {conns} connection(s)")
 

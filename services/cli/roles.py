@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,19 +69,24 @@ def ingest_normalizer(
     serve(create_normalizer(read_settings(), migrate=migrate), host, port)
 
 
-def maxma(
-    host: HostOpt = "0.0.0.0",  # noqa: S104
-    port: PortOpt = 8082,
-    migrate: MigrateOpt = False,
-) -> None:
-    """Deliver events to Maxma."""
-    from services.maxma.app import create_app
+def delivery_role(name: str, title: str, default_port: int) -> Callable[..., None]:
+    """The command of one registered target's delivery service (``relay maxma``, ...)."""
 
-    try:
-        asgi = create_app(read_settings(), migrate=migrate)
-    except ConfigError as e:
-        raise config_failed(e) from None
-    serve(asgi, host, port)
+    def role(
+        host: HostOpt = "0.0.0.0",  # noqa: S104
+        port: PortOpt = default_port,
+        migrate: MigrateOpt = False,
+    ) -> None:
+        from services.common.targets import create_delivery_app
+
+        try:
+            asgi = create_delivery_app(name, read_settings(), migrate=migrate)
+        except ConfigError as e:
+            raise config_failed(e) from None
+        serve(asgi, host, port)
+
+    role.__doc__ = f"Deliver events to {title}."
+    return role
 
 
 @sandbox_app.command("maxma")

@@ -21,6 +21,7 @@ from rich.table import Table
 from services.cli.configcmd import print_urls, to_yaml
 from services.cli.options import read_settings
 from services.cli.render import console, err
+from services.common import targets
 from services.common.config import Settings, load_settings
 from services.common.display import safe_text
 
@@ -29,13 +30,21 @@ if TYPE_CHECKING:
     from services.common.supervisor import Process, Supervisor
 
 STATE = Path(".relay")
-ROLES: list[tuple[str, list[str], int]] = [
-    ("sandbox-maxma", ["sandbox", "maxma"], 8090),
-    ("sandbox-klientiks", ["sandbox", "klientiks"], 8091),
-    ("ingest-api", ["ingest", "api"], 8080),
-    ("normalizer", ["ingest", "normalizer"], 8081),
-    ("maxma", ["maxma"], 8082),
-]
+
+
+def _roles() -> list[tuple[str, list[str], int]]:
+    """(name, `relay` arguments, port) of every role, in start order: sandboxes, ingest, delivery services."""
+    specs = [targets.get(name) for name in targets.names()]
+    return [
+        *((f"sandbox-{t.name}", ["sandbox", t.name], t.sandbox_port) for t in specs if t.sandbox_port),
+        ("sandbox-klientiks", ["sandbox", "klientiks"], 8091),
+        ("ingest-api", ["ingest", "api"], 8080),
+        ("normalizer", ["ingest", "normalizer"], 8081),
+        *((t.name, [t.name], t.port) for t in specs),
+    ]
+
+
+ROLES = _roles()
 
 
 def _local(url: str, port: int) -> bool:
@@ -47,16 +56,18 @@ def _local(url: str, port: int) -> bool:
 def roles_for(settings: Settings, ports: dict[str, int]) -> list[str]:
     """The roles a config needs, in start order: a delivery service only for a target it has connections
     for, a sandbox only when a connection or a source's Klientiks API points at it."""
-    from services.common.config import target_connections
-    from services.maxma.settings import MaxmaConnection
-
-    maxma = [conn for _, conn in target_connections(settings, "maxma", MaxmaConnection)]
     wanted = {"ingest-api", "normalizer"}
-    if maxma:
-        wanted.add("maxma")
-    if any(_local(conn.base_url, ports["sandbox-maxma"]) for conn in maxma):
-        wanted.add("sandbox-maxma")
-    if any(s.klientiks and _local(s.klientiks.base_url, ports["sandbox-klientiks"]) for s in settings.sources):
+    for name in targets.names():
+        spec = targets.get(name)
+        conns = [conn for _, conn in targets.connections(settings, spec)]
+        if conns:
+            wanted.add(name)
+        sandbox = f"sandbox-{name}"
+        if sandbox in ports and any(_local(getattr(c, spec.url_key), ports[sandbox]) for c in conns):
+            wanted.add(sandbox)
+    if any(
+        s.klientiks and _local(s.klientiks.base_url, ports["sandbox-klientiks"]) for s in settings.sources
+    ):
         wanted.add("sandbox-klientiks")
     return [name for name, _, _ in ROLES if name in wanted]
 
@@ -200,13 +211,18 @@ def run(
     args_of = {name: args for name, args, _ in ROLES}
     logs = {name: STATE / "logs" / f"{name}.log" for name in roles}
     # The demo config's credentials; with one's own config (and no demo run before), the sandboxes' defaults.
+    secrets = [
+        *(
+            (f"sandbox-{t.name}", *t.sandbox_secret)
+            for t in map(targets.get, targets.names())
+            if t.sandbox_secret
+        ),
+        ("sandbox-klientiks", "--token-file", "klientiks-token"),
+    ]
     extra = {
-        name: [option, str(f)]
-        for name, option, f in (
-            ("sandbox-maxma", "--key-file", STATE / "secrets" / "maxma-key"),
-            ("sandbox-klientiks", "--token-file", STATE / "secrets" / "klientiks-token"),
-        )
-        if f.exists()
+        name: [option, str(STATE / "secrets" / file)]
+        for name, option, file in secrets
+        if (STATE / "secrets" / file).exists()
     }
 
     def spawner(name: str, args: list[str]) -> Callable[[], subprocess.Popen[bytes]]:

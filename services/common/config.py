@@ -28,8 +28,20 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from services.common.events import EventName
 
+# The product's targets (each has its DLQ topic); more can be registered (services/common/targets.py).
 TARGETS = ("maxma", "cpahouse", "weeek", "plarin")
-Target = Literal["maxma", "cpahouse", "weeek", "plarin"]
+_REGISTERED: set[str] = set()
+
+
+def known_targets() -> tuple[str, ...]:
+    """The product's targets, then any registered at run time (a test's, a plugin's)."""
+    return TARGETS + tuple(sorted(_REGISTERED - set(TARGETS)))
+
+
+def add_target_name(name: str) -> None:
+    """Let connections name ``name`` (called by the target registry)."""
+    _REGISTERED.add(name)
+
 
 _REF = re.compile(r"\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -70,7 +82,7 @@ class ConnectionConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    target: Target
+    target: str
     name: str = ""
     enabled: bool = True
     # Klientiks event -> target action, e.g. {"client-created": "new-client"}.
@@ -80,6 +92,13 @@ class ConnectionConfig(BaseModel):
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for k, v in super().__repr_args__():
             yield k, (SecretStr(v) if k and isinstance(v, str) and _SECRET_KEY.search(k) else v)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if v not in known_targets():
+            raise ValueError(f"unknown target {v!r}; fix: use one of {', '.join(known_targets())}")
+        return v
 
     @model_validator(mode="after")
     def _default_name(self) -> ConnectionConfig:
@@ -356,8 +375,8 @@ _FIXES = {
 }
 
 
-def validation_problems(err: ValidationError, prefix: str = "") -> list[str]:
-    """Turn a pydantic error into ``path: message; fix: ...`` lines."""
+def validation_problems(err: ValidationError, prefix: str = "", allowed: Sequence[str] = ()) -> list[str]:
+    """Turn a pydantic error into ``path: message; fix: ...`` lines (``allowed``: the keys a model takes)."""
     out = []
     for e in err.errors(include_url=False):
         loc = format_loc(e["loc"])
@@ -365,6 +384,8 @@ def validation_problems(err: ValidationError, prefix: str = "") -> list[str]:
             loc = f"{prefix}.{loc}" if loc != "<root>" else prefix
         msg = e["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(e["type"])
+        if e["type"] == "extra_forbidden" and allowed:
+            fix = f"remove it, or use one of the keys this takes: {', '.join(allowed)}"
         if fix and "fix:" not in msg:
             msg = f"{msg}; fix: {fix}"
         out.append(f"{loc}: {msg}")
@@ -428,7 +449,8 @@ def target_connections(settings: Settings, target: str, model: type[M]) -> Itera
             try:
                 found.append((source, model.model_validate(conn.model_dump())))
             except ValidationError as e:
-                problems.extend(validation_problems(e, f"sources[{si}].connections[{ci}]"))
+                where = f"sources[{si}].connections[{ci}]"
+                problems.extend(validation_problems(e, where, allowed=list(model.model_fields)))
     if problems:
         raise ConfigError(problems, str(settings.config) if settings.config else "environment")
     return iter(found)
