@@ -23,8 +23,6 @@ Everything under ``/_sandbox/`` is a control API for tests and demos; Klientiks 
 
 from __future__ import annotations
 
-import asyncio
-import http
 import math
 import random
 import re
@@ -32,12 +30,14 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.sandbox import kit
 
 __all__ = [
     "ACTIONS",
@@ -128,62 +128,16 @@ def _latin(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ control
 
 
-class FaultSpec(BaseModel):
-    """Body of ``POST /_sandbox/faults``.
+class FaultSpec(kit.FaultSpec):
+    """Body of ``POST /_sandbox/faults``: the kit's modes (see :mod:`services.sandbox.kit`).
 
-    ``http_status`` answers ``status`` (an nginx-like HTML page, or ``body`` as JSON) with an optional
-    ``Retry-After``; ``delay`` sleeps ``seconds`` and then answers normally. Without ``times`` and
-    ``probability`` a fault fires once; ``probability`` alone (an error rate) lasts until cleared.
-    ``action`` and ``account`` narrow it down; faults are tried in order, at most one per request.
+    ``action`` and ``account`` narrow a fault down to one read or one account.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    FILTERS: ClassVar[tuple[str, ...]] = ("action", "account")
 
-    mode: Literal["http_status", "delay"]
-    status: int | None = Field(default=None, ge=400, le=599)
-    retry_after: int | None = Field(default=None, ge=0)
-    body: Any = None
-    seconds: float | None = Field(default=None, gt=0)
     action: Literal["getAppointment", "getClientByPhone", "clients"] | None = None
     account: str | None = None
-    times: int | None = Field(default=None, ge=1)
-    probability: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> FaultSpec:
-        if self.mode == "http_status" and self.status is None:
-            raise ValueError("mode 'http_status' needs 'status'")
-        if self.mode == "delay" and self.seconds is None:
-            raise ValueError("mode 'delay' needs 'seconds'")
-        if self.mode == "delay" and (self.status, self.retry_after, self.body) != (None, None, None):
-            raise ValueError("mode 'delay' takes only 'seconds'")
-        if self.mode == "http_status" and self.seconds is not None:
-            raise ValueError("mode 'http_status' does not take 'seconds'")
-        return self
-
-
-@dataclass
-class ActiveFault:
-    id: int
-    spec: FaultSpec
-    remaining: int | None  # None: a probabilistic fault that stays until cleared
-    rng: random.Random
-    hits: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            **self.spec.model_dump(exclude_none=True),
-            "remaining": self.remaining,
-            "hits": self.hits,
-        }
-
-
-class LatencySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ms: float = Field(ge=0)
 
 
 class RateLimitSpec(BaseModel):
@@ -224,34 +178,15 @@ class NewAppointment(BaseModel):
     paid: bool = False
 
 
-@dataclass
-class RecordedRequest:
+@dataclass(kw_only=True)
+class RecordedRequest(kit.RecordedRequest):
     """One request to a Restapi path; never holds the access token."""
 
-    seq: int
-    time: float  # epoch seconds at arrival
     account: str | None
     action: str
     params: dict[str, str]
     auth_ok: bool
     throttled: bool = False
-    fault: int | None = None
-    status: int | None = None
-    duration_ms: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "time": self.time,
-            "account": self.account,
-            "action": self.action,
-            "params": dict(self.params),
-            "auth_ok": self.auth_ok,
-            "throttled": self.throttled,
-            "fault": self.fault,
-            "status": self.status,
-            "duration_ms": self.duration_ms,
-        }
 
 
 @dataclass
@@ -264,8 +199,10 @@ class _Bucket:
 
 
 @dataclass
-class KlientiksSandbox:
+class KlientiksSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
     """Clients and appointments per account, seeded from ``seed``; request log, faults, latency, rate limit."""
+
+    fault_spec = FaultSpec
 
     accounts: tuple[SandboxAccount, ...] = (DEFAULT_ACCOUNT,)
     seed: int = 1
@@ -276,12 +213,10 @@ class KlientiksSandbox:
     auth_failure: Literal["login_page", "401"] = "login_page"
     clients: dict[int, dict[str, Any]] = field(default_factory=dict)
     appointments: dict[int, dict[str, Any]] = field(default_factory=dict)
-    requests: list[RecordedRequest] = field(default_factory=list)
-    faults: list[ActiveFault] = field(default_factory=list)
-    latency_ms: float = 0.0
     rate_limit: RateLimitSpec = field(default_factory=RateLimitSpec)
 
     def __post_init__(self) -> None:
+        super().__init__()
         self.accounts = tuple(self.accounts)
         if not self.accounts:
             raise ValueError("the sandbox needs at least one account")
@@ -291,39 +226,17 @@ class KlientiksSandbox:
 
     def reset(self) -> None:
         """Back to the seeded records; forget requests, faults, latency and the rate limit."""
-        self.clients.clear()
-        self.appointments.clear()
-        self.requests.clear()
-        self.faults.clear()
-        self.latency_ms = 0.0
-        self.rate_limit = RateLimitSpec()
-        self._buckets: dict[str, _Bucket] = {}
-        self._next_client = 6439301
-        self._next_appointment = 5833264
-        self._next_link = 9100001
-        self._next_fault = 1
-        self._next_seq = 1
-        for account in self.accounts:
-            self._seed_account(account.account_id)
-
-    def add_fault(self, spec: FaultSpec | Mapping[str, Any]) -> ActiveFault:
-        if not isinstance(spec, FaultSpec):
-            spec = FaultSpec.model_validate(spec)
-        remaining = spec.times if spec.times is not None or spec.probability is not None else 1
-        fault = ActiveFault(self._next_fault, spec, remaining, random.Random(spec.seed))
-        self._next_fault += 1
-        self.faults.append(fault)
-        return fault
-
-    def clear_faults(self) -> int:
-        count = len(self.faults)
-        self.faults.clear()
-        return count
-
-    def set_latency(self, ms: float) -> None:
-        if ms < 0:
-            raise ValueError("latency must be >= 0")
-        self.latency_ms = float(ms)
+        with self.lock:
+            self.clients.clear()
+            self.appointments.clear()
+            self.rate_limit = RateLimitSpec()
+            self._buckets: dict[str, _Bucket] = {}
+            self._next_client = 6439301
+            self._next_appointment = 5833264
+            self._next_link = 9100001
+            for account in self.accounts:
+                self._seed_account(account.account_id)
+            super().reset()
 
     def set_rate_limit(self, per_s: float | None, burst: int = 1) -> None:
         """At most ``per_s`` requests per second per account (bucket of ``burst``); None turns it off."""
@@ -556,12 +469,6 @@ class KlientiksSandbox:
                 paid=status == "finished" and rng.random() < 0.9,
             )
 
-    def _record(self, **fields: Any) -> RecordedRequest:
-        rec = RecordedRequest(seq=self._next_seq, time=time.time(), **fields)
-        self._next_seq += 1
-        self.requests.append(rec)
-        return rec
-
     def _throttle(self, account: str | None) -> float | None:
         """None if the request may pass, else the seconds until it could have (for Retry-After)."""
         per_s = self.rate_limit.per_s
@@ -578,36 +485,8 @@ class KlientiksSandbox:
             return None
         return (1.0 - bucket.tokens) / per_s
 
-    def _take_fault(self, action: str, account: str | None) -> ActiveFault | None:
-        for fault in self.faults:
-            spec = fault.spec
-            if spec.action is not None and spec.action != action:
-                continue
-            if spec.account is not None and spec.account != account:
-                continue
-            if spec.probability is not None and fault.rng.random() >= spec.probability:
-                continue
-            fault.hits += 1
-            if fault.remaining is not None:
-                fault.remaining -= 1
-                if fault.remaining <= 0:
-                    self.faults.remove(fault)
-            return fault
-        return None
-
 
 # ------------------------------------------------------------------------------------------------ HTTP
-
-
-def _nginx_page(status: int) -> str:
-    try:
-        title = f"{status} {http.HTTPStatus(status).phrase}"
-    except ValueError:
-        title = f"{status} Error"
-    return (
-        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-    )
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -655,6 +534,7 @@ def create_klientiks_sandbox(
     )
     app = FastAPI(title="Klientiks sandbox", version="1")
     app.state.sandbox = sandbox
+    kit.add_control_routes(app, sandbox)
 
     @app.get("/clientix/Restapi/{path:path}", tags=["klientiks"])
     async def restapi(path: str, request: Request) -> Response:
@@ -664,42 +544,29 @@ def create_klientiks_sandbox(
         params = {k: v for k, v in pairs.items() if k not in ("a", "u", "t")}
         params.update({k: v for k, v in request.query_params.items() if k not in ("a", "u", "t")})
         auth_ok = sandbox.credentials_ok(account, pairs.get("u"), pairs.get("t"))
-        rec = sandbox._record(account=account, action=label, params=params, auth_ok=auth_ok)
-        # Decided on arrival, before any sleep: "the next N requests" and the rate limit follow arrival order.
+        # Decided on arrival, before any sleep: the rate limit follows arrival order. A throttled
+        # request takes no fault, so it does not use up "the next N requests".
         wait = sandbox._throttle(account)
-        fault = sandbox._take_fault(label, account) if wait is None else None
-        rec.throttled = wait is not None
-        rec.fault = fault.id if fault is not None else None
-        try:
-            response = await _answer(request, label, pairs, wait, fault, auth_ok, account)
-        finally:
-            rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
-        rec.status = response.status_code
-        return response
+        rec = RecordedRequest(
+            account=account, action=label, params=params, auth_ok=auth_ok, throttled=wait is not None
+        )
+        return await sandbox.serve(
+            request,
+            rec,
+            lambda: _answer(request, label, pairs, wait, auth_ok, account),
+            may_fault=wait is None,
+        )
 
     async def _answer(
         request: Request,
         label: str,
         pairs: Mapping[str, str],
         wait: float | None,
-        fault: ActiveFault | None,
         auth_ok: bool,
         account: str | None,
     ) -> Response:
-        if sandbox.latency_ms:
-            await asyncio.sleep(sandbox.latency_ms / 1000)
         if wait is not None:
             return _error(429, "Too many requests", {"Retry-After": str(max(1, math.ceil(wait)))})
-        spec = fault.spec if fault is not None else None
-        if spec is not None and spec.mode == "delay":
-            assert spec.seconds is not None
-            await asyncio.sleep(spec.seconds)
-        elif spec is not None:
-            assert spec.status is not None
-            headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
-            if spec.body is not None:
-                return JSONResponse(spec.body, status_code=spec.status, headers=headers)
-            return HTMLResponse(_nginx_page(spec.status), status_code=spec.status, headers=headers)
         if not auth_ok or account is None:
             if sandbox.auth_failure == "401":
                 return _error(401, "Access denied")
@@ -721,18 +588,7 @@ def create_klientiks_sandbox(
             return JSONResponse(_list_answer(items, offset, limit))
         return _error(404, "Unknown API method")
 
-    # ---- control API (never delayed, faulted, throttled or recorded) -------------------------------------
-
-    @app.get("/_sandbox/requests", tags=["sandbox"])
-    async def list_requests(account: str | None = None, action: str | None = None) -> JSONResponse:
-        """Recorded requests, oldest first; ``?account=`` and ``?action=`` filter."""
-        return JSONResponse(
-            [
-                r.to_dict()
-                for r in sandbox.requests
-                if (account is None or r.account == account) and (action is None or r.action == action)
-            ]
-        )
+    # ---- Klientiks's own control routes (the kit adds requests, faults, reset and latency) -----------------
 
     @app.get("/_sandbox/clients", tags=["sandbox"])
     async def list_clients(account: str | None = None) -> JSONResponse:
@@ -763,33 +619,6 @@ def create_klientiks_sandbox(
             return JSONResponse(sandbox.add_appointment(spec), status_code=201)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-
-    @app.post("/_sandbox/reset", tags=["sandbox"])
-    async def reset() -> dict[str, bool]:
-        """Back to the seeded records; clear requests, faults, latency and the rate limit."""
-        sandbox.reset()
-        return {"ok": True}
-
-    @app.get("/_sandbox/faults", tags=["sandbox"])
-    async def list_faults() -> JSONResponse:
-        return JSONResponse([f.to_dict() for f in sandbox.faults])
-
-    @app.post("/_sandbox/faults", status_code=201, tags=["sandbox"])
-    async def add_fault(spec: FaultSpec) -> JSONResponse:
-        return JSONResponse(sandbox.add_fault(spec).to_dict(), status_code=201)
-
-    @app.delete("/_sandbox/faults", tags=["sandbox"])
-    async def clear_faults() -> dict[str, int]:
-        return {"cleared": sandbox.clear_faults()}
-
-    @app.get("/_sandbox/latency", tags=["sandbox"])
-    async def get_latency() -> dict[str, float]:
-        return {"ms": sandbox.latency_ms}
-
-    @app.post("/_sandbox/latency", tags=["sandbox"])
-    async def set_latency(spec: LatencySpec) -> dict[str, float]:
-        sandbox.set_latency(spec.ms)
-        return {"ms": sandbox.latency_ms}
 
     @app.get("/_sandbox/rate-limit", tags=["sandbox"])
     async def get_rate_limit() -> dict[str, Any]:

@@ -17,24 +17,21 @@ Maxma has no such paths.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import http
 import json
-import random
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import Field, model_validator
+
+from services.sandbox import kit
+from services.sandbox.kit import ActiveFault, SandboxConnectionDroppedError
 
 __all__ = [
     "ERROR_DESCRIPTIONS",
@@ -83,16 +80,10 @@ _KEY_HEADER = "x-processing-key"
 # The sandbox's own bonus rule: up to half of an order may be paid with bonuses, 5 % is accrued.
 _BONUS_MAX_APPLY_SHARE = Decimal("0.5")
 _BONUS_COLLECT_SHARE = Decimal("0.05")
-# Scope key under which the middleware keeps the server's own ``receive`` callable (see drop).
-_RECEIVE_SCOPE_KEY = "maxma_sandbox.server_receive"
 
 
 def _describe(code: int) -> str:
     return ERROR_DESCRIPTIONS.get(code, f"Ошибка, код #{code}")
-
-
-class SandboxConnectionDroppedError(ConnectionError):
-    """Raised for a ``drop`` fault when the server's socket is not reachable (e.g. httpx.ASGITransport)."""
 
 
 class _MaxmaError(Exception):
@@ -115,12 +106,10 @@ class _MaxmaError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RecordedRequest:
+@dataclass(kw_only=True)
+class RecordedRequest(kit.RecordedRequest):
     """One request to a Maxma path, recorded on arrival and completed when answered."""
 
-    seq: int
-    time: float  # epoch seconds at arrival
     method: str
     path: str
     headers: dict[str, str]  # lower-case names; X-Processing-Key removed
@@ -128,30 +117,7 @@ class RecordedRequest:
     malformed: bool  # body was not valid JSON
     key_present: bool
     key_valid: bool
-    fault: dict[str, Any] | None = None  # {"id", "mode"} of the injected fault, if any
-    outcome: Literal["pending", "answered", "dropped"] = "pending"
-    status: int | None = None  # HTTP status answered; None while pending or when dropped
     error_code: int | None = None  # errorCode in the answer, if any
-    duration_ms: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form used by ``GET /_sandbox/requests``."""
-        return {
-            "seq": self.seq,
-            "time": self.time,
-            "method": self.method,
-            "path": self.path,
-            "headers": dict(self.headers),
-            "body": self.body,
-            "malformed": self.malformed,
-            "key_present": self.key_present,
-            "key_valid": self.key_valid,
-            "fault": self.fault,
-            "outcome": self.outcome,
-            "status": self.status,
-            "error_code": self.error_code,
-            "duration_ms": self.duration_ms,
-        }
 
 
 # camelCase Maxma field -> SandboxClient attribute, for fields a client may send.
@@ -290,62 +256,34 @@ class SandboxOrder:
 # --------------------------------------------------------------------------------------------
 
 
-class FaultSpec(BaseModel):
-    """Body of ``POST /_sandbox/faults``.
+class FaultSpec(kit.FaultSpec):
+    """Body of ``POST /_sandbox/faults``: the kit's modes (:mod:`services.sandbox.kit`) and ``error_code``.
 
-    Modes: ``http_status`` answers ``status`` (nginx-like HTML page, or ``body`` as JSON) with an
-    optional ``Retry-After``; ``error_code`` answers HTTP 200 ``{"errorCode": code, ...}``;
-    ``delay`` sleeps ``seconds`` and then processes the request normally (side effects included,
-    even if the client gave up); ``drop`` closes the TCP connection without a byte of answer.
-    Only ``delay`` lets the request reach the business logic, so the others never create data.
-
-    Without ``times`` and ``probability`` a fault fires once. With ``probability`` and no
-    ``times`` it stays until ``DELETE /_sandbox/faults``. Faults are tried in insertion order
-    and at most one applies to a request.
+    ``error_code`` answers HTTP 200 ``{"errorCode": code, ...}``. Only ``delay`` lets the request reach
+    the business logic, so the others never create data.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    MODES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **kit.FaultSpec.MODES,
+        "error_code": ("code", "description"),
+    }
+    REQUIRED: ClassVar[dict[str, str]] = {**kit.FaultSpec.REQUIRED, "error_code": "code"}
+    FILTERS: ClassVar[tuple[str, ...]] = ("path",)
 
-    mode: Literal["http_status", "error_code", "delay", "drop"]
-    status: int | None = Field(default=None, ge=400, le=599)  # http_status
-    retry_after: int | None = Field(default=None, ge=0)  # http_status: Retry-After seconds
-    body: Any = None  # http_status: JSON body instead of the default nginx-like HTML page
     code: int | None = Field(default=None, ge=1)  # error_code
     description: str | None = None  # error_code: overrides the standard description
-    seconds: float | None = Field(default=None, gt=0)  # delay
     path: str | None = None  # only requests to this Maxma path, e.g. "/new-client"
     # Only requests whose JSON body has these values, at the top level or inside "client",
     # e.g. {"externalId": "42"}: a fault aimed at one client.
     match: dict[str, str] | None = None
-    times: int | None = Field(default=None, ge=1)
-    probability: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None  # seeds the probability draws
 
     @model_validator(mode="after")
-    def _check(self) -> FaultSpec:
-        required = {"http_status": "status", "error_code": "code", "delay": "seconds"}
-        if (need := required.get(self.mode)) and getattr(self, need) is None:
-            raise ValueError(f"mode {self.mode!r} needs {need!r}")
-        allowed = {
-            "http_status": {"status", "retry_after", "body"},
-            "error_code": {"code", "description"},
-            "delay": {"seconds"},
-            "drop": set(),
-        }[self.mode]
-        extra = {
-            name
-            for name in ("status", "retry_after", "body", "code", "description", "seconds")
-            if getattr(self, name) is not None and name not in allowed
-        }
-        if extra:
-            raise ValueError(f"mode {self.mode!r} does not take {sorted(extra)}")
+    def _check_path(self) -> FaultSpec:
         if self.path is not None:
             self.path = "/" + self.path.lstrip("/")
             # A typo would otherwise make the fault silently never fire.
             if self.path not in MAXMA_PATHS:
                 raise ValueError(f"path must be one of {list(MAXMA_PATHS)}")
-        if self.seed is not None and self.probability is None:
-            raise ValueError("seed only makes sense with probability")
         return self
 
 
@@ -355,34 +293,6 @@ def _matches(body: Any, want: Mapping[str, str]) -> bool:
     inner = body.get("client")
     client: dict[str, Any] = inner if isinstance(inner, dict) else {}
     return all(str(body.get(k, client.get(k))) == v for k, v in want.items())
-
-
-@dataclass
-class ActiveFault:
-    """A configured fault; ``remaining`` is None for an unlimited probabilistic fault."""
-
-    id: int
-    spec: FaultSpec
-    remaining: int | None
-    rng: random.Random
-    hits: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form used by ``GET /_sandbox/faults``."""
-        return {
-            "id": self.id,
-            **self.spec.model_dump(exclude_none=True),
-            "remaining": self.remaining,
-            "hits": self.hits,
-        }
-
-
-class LatencySpec(BaseModel):
-    """Body of ``POST /_sandbox/latency``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ms: float = Field(ge=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,28 +442,19 @@ def _split(amount: int, weights: list[Decimal]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _set_waiter_done(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class MaxmaSandbox:
+class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
     """In-memory Maxma: clients, orders, recorded requests and injected faults.
 
     Usable directly in tests (``sandbox.clients``, ``sandbox.add_fault(...)``,
     ``await sandbox.wait_for_requests(...)``) and over HTTP via :func:`create_maxma_app`.
     """
 
+    fault_spec = FaultSpec
+
     def __init__(self) -> None:
-        # Guards state against the rare caller that drives the sandbox from another thread
-        # (e.g. a demo running uvicorn in a thread); no await happens while it is held.
-        self._lock = threading.RLock()
-        self._waiters: list[asyncio.Future[None]] = []
+        super().__init__()
         self.clients: dict[int, SandboxClient] = {}
         self.orders: dict[str, SandboxOrder] = {}
-        self.requests: list[RecordedRequest] = []
-        self.faults: list[ActiveFault] = []
-        self.latency_ms: float = 0.0
         self._reset_indexes()
 
     def _reset_indexes(self) -> None:
@@ -563,50 +464,16 @@ class MaxmaSandbox:
         self._by_email: dict[str, SandboxClient] = {}
         self._next_client_id = 1
         self._next_card = 1
-        self._next_fault_id = 1
-        self._next_seq = 1
 
     # ---- control ---------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget clients, orders, recorded requests, faults and latency; restart counters."""
-        with self._lock:
+        with self.lock:
             self.clients.clear()
             self.orders.clear()
-            self.requests.clear()
-            self.faults.clear()
-            self.latency_ms = 0.0
             self._reset_indexes()
-        self._notify()
-
-    def add_fault(self, spec: FaultSpec | Mapping[str, Any]) -> ActiveFault:
-        """Queue a fault; faults are tried in the order they were added."""
-        if not isinstance(spec, FaultSpec):
-            spec = FaultSpec.model_validate(spec)
-        remaining = spec.times if spec.times is not None or spec.probability is not None else 1
-        with self._lock:
-            fault = ActiveFault(
-                id=self._next_fault_id,
-                spec=spec,
-                remaining=remaining,
-                rng=random.Random(spec.seed),
-            )
-            self._next_fault_id += 1
-            self.faults.append(fault)
-        return fault
-
-    def clear_faults(self) -> int:
-        """Remove all faults; return how many were active."""
-        with self._lock:
-            count = len(self.faults)
-            self.faults.clear()
-        return count
-
-    def set_latency(self, ms: float) -> None:
-        """Delay every Maxma answer by ``ms`` milliseconds (0 turns it off)."""
-        if ms < 0:
-            raise ValueError("latency must be >= 0")
-        self.latency_ms = float(ms)
+            super().reset()
 
     def find_client(
         self,
@@ -617,7 +484,7 @@ class MaxmaSandbox:
         email: str | None = None,
     ) -> SandboxClient | None:
         """Look a client up by any unique key."""
-        with self._lock:
+        with self.lock:
             if phone_number is not None:
                 return self._by_phone.get(phone_number)
             if card is not None:
@@ -628,99 +495,13 @@ class MaxmaSandbox:
                 return self._by_email.get(email.lower())
         return None
 
-    async def wait_for_requests(
-        self,
-        n: int,
-        timeout: float,  # noqa: ASYNC109 - the test-facing signature asked for; easier than a scope
-        *,
-        path: str | None = None,
-        answered: bool = True,
-    ) -> list[RecordedRequest]:
-        """Wait until at least ``n`` requests (to ``path``, if given) are recorded; return them.
+    def fault_applies(self, spec: FaultSpec, rec: RecordedRequest) -> bool:
+        return super().fault_applies(spec, rec) and (spec.match is None or _matches(rec.body, spec.match))
 
-        With ``answered`` (the default) only finished requests count, so their ``status`` and
-        ``outcome`` are final. Raises ``TimeoutError`` after ``timeout`` seconds.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            with self._lock:
-                matched = self._matching(path, answered)
-                if len(matched) >= n:
-                    return matched
-                waiter: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(waiter)
-            remaining = deadline - loop.time()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                with self._lock:
-                    matched = self._matching(path, answered)
-                if len(matched) >= n:
-                    return matched
-                raise TimeoutError(
-                    f"{len(matched)} of {n} requests{f' to {path}' if path else ''} within {timeout}s"
-                ) from None
-
-    def _matching(self, path: str | None, answered: bool) -> list[RecordedRequest]:
-        return [
-            r
-            for r in self.requests
-            if (path is None or r.path == path) and (not answered or r.outcome != "pending")
-        ]
-
-    def _notify(self) -> None:
-        with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            # The waiter may live on another thread's loop; a closed loop just means nobody waits.
-            with contextlib.suppress(RuntimeError):
-                waiter.get_loop().call_soon_threadsafe(_set_waiter_done, waiter)
-
-    # ---- request bookkeeping ---------------------------------------------------------------
-
-    def _record(self, rec_args: dict[str, Any]) -> RecordedRequest:
-        with self._lock:
-            rec = RecordedRequest(seq=self._next_seq, **rec_args)
-            self._next_seq += 1
-            self.requests.append(rec)
-        self._notify()
-        return rec
-
-    def _finish(
-        self,
-        rec: RecordedRequest,
-        *,
-        outcome: Literal["answered", "dropped"],
-        status: int | None,
-        error_code: int | None,
-    ) -> None:
-        rec.outcome = outcome
-        rec.status = status
-        rec.error_code = error_code
-        rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
-        self._notify()
-
-    def _take_fault(self, path: str, body: Any = None) -> ActiveFault | None:
-        """Pick the first fault that fires for this request and consume one of its ``times``."""
-        with self._lock:
-            for fault in self.faults:
-                spec = fault.spec
-                if spec.path is not None and spec.path != path:
-                    continue
-                if spec.match is not None and not _matches(body, spec.match):
-                    continue
-                if spec.probability is not None and fault.rng.random() >= spec.probability:
-                    continue
-                fault.hits += 1
-                if fault.remaining is not None:
-                    fault.remaining -= 1
-                    if fault.remaining <= 0:
-                        self.faults.remove(fault)
-                return fault
-        return None
+    def fault_response(self, spec: FaultSpec, rec: RecordedRequest) -> Response:
+        assert spec.code is not None  # error_code, the one mode the kit does not answer
+        rec.error_code = spec.code
+        return JSONResponse({"errorCode": spec.code, "description": spec.description or _describe(spec.code)})
 
     # ---- clients ---------------------------------------------------------------------------
 
@@ -982,7 +763,7 @@ class MaxmaSandbox:
         Returns the reply body: a success object or ``{"errorCode", "description", "hint"?}``.
         Either the whole operation applies or, on an error, nothing changes.
         """
-        with self._lock:
+        with self.lock:
             try:
                 return self._operation(path)(_as_object(body, "request body"))
             except _MaxmaError as exc:
@@ -994,52 +775,6 @@ class MaxmaSandbox:
 # --------------------------------------------------------------------------------------------
 
 
-class _ServerReceiveMiddleware:
-    """Keeps the server's own ``receive`` in the scope so a ``drop`` fault can find the socket."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[_RECEIVE_SCOPE_KEY] = receive
-        await self.app(scope, receive, send)
-
-
-async def _drop_connection(request: Request) -> bool:
-    """Close the TCP connection without answering; False if the socket is unreachable.
-
-    ASGI has no way to abort a connection, so this reaches the transport through uvicorn's
-    request cycle (the owner of the ``receive`` method). Closing it makes the client see
-    "server disconnected without sending a response", like a crashed backend behind a
-    balancer. uvicorn then ignores whatever the app sends.
-    """
-    receive = request.scope.get(_RECEIVE_SCOPE_KEY)
-    cycle = getattr(receive, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if not isinstance(transport, asyncio.BaseTransport):
-        return False
-    transport.close()
-    # connection_lost runs on the next loop iterations and marks the cycle disconnected.
-    for _ in range(100):
-        if getattr(cycle, "disconnected", False):
-            break
-        await asyncio.sleep(0)
-    return True
-
-
-def _nginx_page(status: int) -> str:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    title = f"{status} {phrase}"
-    return (
-        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-    )
-
-
 def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbox | None = None) -> FastAPI:
     """Build the sandbox app; ``processing_keys=None`` accepts any non-empty key.
 
@@ -1049,7 +784,7 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
     keys = frozenset(processing_keys) if processing_keys is not None else None
     app = FastAPI(title="Maxma sandbox", version="1")
     app.state.sandbox = sandbox
-    app.add_middleware(_ServerReceiveMiddleware)
+    kit.add_control_routes(app, sandbox)
 
     async def serve_maxma(request: Request, path: str) -> Response:
         raw = await request.body()
@@ -1059,71 +794,28 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
             malformed = False
         except ValueError:
             body, malformed = None, True
-        rec = sandbox._record(
-            {
-                "time": time.time(),
-                "method": request.method,
-                "path": path,
-                "headers": {k: v for k, v in request.headers.items() if k != _KEY_HEADER},
-                "body": body,
-                "malformed": malformed,
-                "key_present": bool(key),
-                "key_valid": bool(key) and (keys is None or key in keys),
-            }
+        rec = RecordedRequest(
+            method=request.method,
+            path=path,
+            headers={k: v for k, v in request.headers.items() if k != _KEY_HEADER},
+            body=body,
+            malformed=malformed,
+            key_present=bool(key),
+            key_valid=bool(key) and (keys is None or key in keys),
         )
-        # Picked on arrival, before any sleep, so "the next N requests" means arrival order.
-        fault = sandbox._take_fault(path, body)
-        if fault is not None:
-            rec.fault = {"id": fault.id, "mode": fault.spec.mode}
-        try:
-            return await _answer(request, rec, fault)
-        except BaseException:
-            if rec.outcome == "pending":
-                sandbox._finish(rec, outcome="dropped", status=None, error_code=None)
-            raise
+        return await sandbox.serve(request, rec, lambda: _answer(rec))
 
-    async def _answer(request: Request, rec: RecordedRequest, fault: ActiveFault | None) -> Response:
-        if sandbox.latency_ms:
-            await asyncio.sleep(sandbox.latency_ms / 1000)
-        spec = fault.spec if fault is not None else None
-        if spec is not None and spec.mode == "delay":
-            assert spec.seconds is not None
-            await asyncio.sleep(spec.seconds)  # then answer normally, side effects included
-        elif spec is not None and spec.mode == "drop":
-            sandbox._finish(rec, outcome="dropped", status=None, error_code=None)
-            if not await _drop_connection(request):
-                raise SandboxConnectionDroppedError("sandbox dropped the connection")
-            return Response(status_code=204)  # never reaches the client
-        elif spec is not None and spec.mode == "http_status":
-            assert spec.status is not None
-            headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
-            response: Response
-            if spec.body is not None:
-                response = JSONResponse(spec.body, status_code=spec.status, headers=headers)
-            else:
-                response = Response(
-                    _nginx_page(spec.status), status_code=spec.status, headers=headers, media_type="text/html"
-                )
-            sandbox._finish(rec, outcome="answered", status=spec.status, error_code=None)
-            return response
-        elif spec is not None and spec.mode == "error_code":
-            assert spec.code is not None
-            payload = {"errorCode": spec.code, "description": spec.description or _describe(spec.code)}
-            sandbox._finish(rec, outcome="answered", status=200, error_code=spec.code)
-            return JSONResponse(payload)
-
+    async def _answer(rec: RecordedRequest) -> Response:
         if not rec.key_valid:
             hint = "X-Processing-Key header is missing" if not rec.key_present else "unknown X-Processing-Key"
-            sandbox._finish(rec, outcome="answered", status=401, error_code=22)
+            rec.error_code = 22
             return JSONResponse(_MaxmaError(22, hint).body(), status_code=401)
         if rec.malformed:
-            sandbox._finish(rec, outcome="answered", status=200, error_code=2)
+            rec.error_code = 2
             return JSONResponse(_MaxmaError(2, "request body is not valid JSON").body())
         reply = sandbox.run_operation(rec.path, rec.body)
         code = reply.get("errorCode")
-        sandbox._finish(
-            rec, outcome="answered", status=200, error_code=code if isinstance(code, int) else None
-        )
+        rec.error_code = code if isinstance(code, int) else None
         return JSONResponse(reply)
 
     def _endpoint(path: str) -> Callable[[Request], Any]:
@@ -1136,57 +828,18 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
     for maxma_path in MAXMA_PATHS:
         app.add_api_route(maxma_path, _endpoint(maxma_path), methods=["POST"], tags=["maxma"])
 
-    # ---- control API (never delayed, never faulted, never recorded) -----------------------
-
-    @app.get("/_sandbox/requests", tags=["sandbox"])
-    async def list_requests(path: str | None = None) -> JSONResponse:
-        """Recorded requests, oldest first; ``?path=/new-client`` filters by method."""
-        with sandbox._lock:
-            return JSONResponse([r.to_dict() for r in sandbox.requests if path is None or r.path == path])
+    # ---- Maxma's own control routes (the kit adds requests, faults, reset and latency) ------
 
     @app.get("/_sandbox/clients", tags=["sandbox"])
     async def list_clients() -> JSONResponse:
         """All clients in creation order."""
-        with sandbox._lock:
+        with sandbox.lock:
             return JSONResponse([c.to_dict() for c in sandbox.clients.values()])
 
     @app.get("/_sandbox/orders", tags=["sandbox"])
     async def list_orders() -> JSONResponse:
         """All orders in creation order."""
-        with sandbox._lock:
+        with sandbox.lock:
             return JSONResponse([o.to_dict() for o in sandbox.orders.values()])
-
-    @app.post("/_sandbox/reset", tags=["sandbox"])
-    async def reset() -> dict[str, bool]:
-        """Clear clients, orders, requests, faults and latency."""
-        sandbox.reset()
-        return {"ok": True}
-
-    @app.get("/_sandbox/faults", tags=["sandbox"])
-    async def list_faults() -> JSONResponse:
-        """Faults still active, in the order they are tried."""
-        with sandbox._lock:
-            return JSONResponse([f.to_dict() for f in sandbox.faults])
-
-    @app.post("/_sandbox/faults", status_code=201, tags=["sandbox"])
-    async def add_fault(spec: FaultSpec) -> JSONResponse:
-        """Add a fault, see :class:`FaultSpec`; FastAPI answers 422 for an invalid spec."""
-        return JSONResponse(sandbox.add_fault(spec).to_dict(), status_code=201)
-
-    @app.delete("/_sandbox/faults", tags=["sandbox"])
-    async def clear_faults() -> dict[str, int]:
-        """Remove every fault."""
-        return {"cleared": sandbox.clear_faults()}
-
-    @app.get("/_sandbox/latency", tags=["sandbox"])
-    async def get_latency() -> dict[str, float]:
-        """Current added latency."""
-        return {"ms": sandbox.latency_ms}
-
-    @app.post("/_sandbox/latency", tags=["sandbox"])
-    async def set_latency(spec: LatencySpec) -> dict[str, float]:
-        """Delay every Maxma answer by ``ms`` (control endpoints are never delayed)."""
-        sandbox.set_latency(spec.ms)
-        return {"ms": sandbox.latency_ms}
 
     return app

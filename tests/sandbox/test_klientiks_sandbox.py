@@ -295,6 +295,18 @@ async def test_fault_filters_by_action_and_account(env: Env) -> None:
     assert (await env.api("list", "m/getClientByPhone/phone/79990000000", account=B)).status_code == 502
 
 
+async def test_drop_fault_and_the_request_log(env: Env) -> None:
+    await env.control("POST", "faults", {"mode": "drop", "action": "getAppointment"})
+    with pytest.raises(httpx.RemoteProtocolError):
+        await env.appointment(1)
+    assert (await env.appointment(1)).status_code == 200
+    dropped, answered = await env.control("GET", "requests?action=getAppointment")
+    assert (dropped["outcome"], dropped["status"], dropped["fault"]["mode"]) == ("dropped", None, "drop")
+    assert (answered["outcome"], answered["status"], answered["fault"]) == ("answered", 200, None)
+    [rec, _] = await env.sandbox.wait_for_requests(2, timeout=5, account=A.account_id)
+    assert rec.outcome == "dropped"
+
+
 async def test_invalid_fault_is_422(env: Env) -> None:
     for spec in ({"mode": "http_status"}, {"mode": "delay"}, {"mode": "delay", "seconds": 1, "status": 500}):
         assert (await env.http.post("/_sandbox/faults", json=spec)).status_code == 422
