@@ -184,6 +184,30 @@ class SpoolRow(Base):
     spooled_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class StepRow(Base):
+    """A finished step of a delivery and what the target returned for it (its ids), kept before the next."""
+
+    __tablename__ = "delivery_steps"
+
+    idempotency_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    step: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result: Mapped[str] = mapped_column(Text)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class EntityRow(Base):
+    """A Klientiks client or visit and the target's id for it, per connection, with a hash of what was sent."""
+
+    __tablename__ = "entity_map"
+
+    connection: Mapped[str] = mapped_column(String(130), primary_key=True)  # "{source}/{connection}"
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)  # "client", "visit", ...
+    klientiks_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    target_id: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class WaitingRow(Base):
     """An inbox record waiting for the Klientiks API (a thin webhook), or behind one of its key."""
 
@@ -275,6 +299,14 @@ class Spooled:
     record_id: str
     kafka_key: str
     record: str
+
+
+@dataclass(frozen=True)
+class Entity:
+    """The target's id for a Klientiks entity, and the hash of what was last sent for it."""
+
+    target_id: str
+    content_hash: str | None
 
 
 def _waiting(r: Any) -> Waiting:
@@ -466,6 +498,8 @@ _E = cast(Table, EventRow.__table__)
 _S = cast(Table, SpoolRow.__table__)
 _F = cast(Table, DedupeRow.__table__)
 _W = cast(Table, WaitingRow.__table__)
+_ST = cast(Table, StepRow.__table__)
+_EN = cast(Table, EntityRow.__table__)
 
 
 class Ledger:
@@ -609,6 +643,43 @@ class Ledger:
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(_S))).scalar_one())
 
+    # -- resumable steps and the entity map (delivery services) -----------------------------------------
+
+    async def finished_steps(self, key: str) -> dict[str, str]:
+        """What each finished step of delivery ``key`` returned."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(_ST.c.step, _ST.c.result).where(_ST.c.idempotency_key == key))
+            return {r.step: r.result for r in rows}
+
+    async def finish_step(self, key: str, step: str, result: str) -> None:
+        """Keep a finished step's result; committed before returning, so the next step may be sent."""
+        row = dict(idempotency_key=key, step=step, result=result, finished_at=datetime.now(UTC))
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self._upsert(_ST, ["idempotency_key", "step"], ["result", "finished_at"]), [row]
+            )
+
+    async def entity(self, connection: str, kind: str, klientiks_id: str) -> Entity | None:
+        q = select(_EN.c.target_id, _EN.c.content_hash).where(
+            _EN.c.connection == connection, _EN.c.kind == kind, _EN.c.klientiks_id == klientiks_id
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(q)).first()
+            return Entity(row.target_id, row.content_hash) if row else None
+
+    async def remember_entity(
+        self, connection: str, kind: str, klientiks_id: str, target_id: str, content_hash: str | None
+    ) -> None:
+        row = dict(connection=connection, kind=kind, klientiks_id=klientiks_id, target_id=target_id,
+                   content_hash=content_hash, updated_at=datetime.now(UTC))  # fmt: skip
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                self._upsert(
+                    _EN, ["connection", "kind", "klientiks_id"], ["target_id", "content_hash", "updated_at"]
+                ),
+                [row],
+            )
+
     # -- records waiting for the Klientiks API (the normalizer) ----------------------------------------
 
     @contextlib.asynccontextmanager
@@ -730,6 +801,10 @@ class Ledger:
             newest = max(s.received_at for s in seen)
             await conn.execute(delete(_F).where(_F.c.received_at < newest - 2 * window))
         return repeats
+
+    def _upsert(self, table: Any, index: list[str], update: list[str]) -> Any:
+        ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)
+        return ins.on_conflict_do_update(index_elements=index, set_={c: ins.excluded[c] for c in update})
 
     def _insert_ignore(self, table: Any, index: str) -> Any:
         ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(table)

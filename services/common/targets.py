@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from services.common.delivery.runtime import Job
+    from services.common.delivery.steps import Steps
 
 # The CLI reads the registry in every process: the runtime, FastAPI and the ledger are imported only by
 # the assembly and the target, in the delivery service that uses them.
@@ -37,8 +38,9 @@ ENTRIES: dict[str, str] = {
     "maxma": "services.maxma.plugin",
 }
 
-# What a connection's deliverer does: one action for one event, sent once in effect under the key.
-Deliver = Callable[[str, CloudEvent, str], Awaitable[Outcome]]
+# What a connection's deliverer does: one action for one event, sent once in effect under the key; a
+# multi-step action resumes at its first unfinished step (``Steps``).
+Deliver = Callable[[str, CloudEvent, str, "Steps"], Awaitable[Outcome]]
 
 
 @dataclass(frozen=True)
@@ -141,9 +143,9 @@ class ConnectedTarget:
                 jobs.append(self._job(route.source.name, conn.name, action, route, conn.rate_limit_per_s))
         return jobs
 
-    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str) -> Outcome:
+    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
         route: Route = job.route
-        return await route.deliver(job.action, event, idempotency_key)
+        return await route.deliver(job.action, event, idempotency_key, steps)
 
 
 def create_delivery_app(name: str, settings: Settings, *, migrate: bool = False) -> FastAPI:

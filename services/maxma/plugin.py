@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import httpx
 
 from services.common.config import SourceConfig
@@ -12,12 +14,15 @@ from services.maxma.client import MaxmaClient
 from services.maxma.mapping import MappingError, new_client_body
 from services.maxma.settings import MaxmaConnection
 
+if TYPE_CHECKING:
+    from services.common.delivery.steps import Steps
+
 
 def deliverer(source: SourceConfig, conn: MaxmaConnection, transport: httpx.AsyncBaseTransport) -> Deliver:
     """One Maxma account: map the event to the action's request, send it."""
     client = MaxmaClient(transport, conn.base_url, conn.processing_key.get_secret_value(), conn.timeout_s)
 
-    async def deliver(action: str, event: CloudEvent, idempotency_key: str) -> Outcome:
+    async def deliver(action: str, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
         try:
             body = new_client_body(event)
         except MappingError as e:

@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from services.common.delivery.runtime import Job
+from services.common.delivery.steps import Steps
 from services.common.events import CloudEvent
 from services.common.outcome import Outcome
 
@@ -46,7 +47,7 @@ class FakeTarget:
     def jobs(self, event: CloudEvent) -> list[Job]:
         return [Job(SOURCE, CONNECTION, ACTION, None, self.rate_limit_per_s)]
 
-    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str) -> Outcome:
+    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
         client = event.data.client.id if event.data.client and event.data.client.id else ""
         if self.latency_s:
             await asyncio.sleep(self.latency_s)

@@ -3,6 +3,7 @@ rate limit, the dead-letter topic and replay, with no vendor involved (issue 9).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,12 +13,14 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from services.common.config import KafkaSettings, Settings
-from services.common.delivery.runtime import DeliveryRuntime
+from services.common.delivery.runtime import DeliveryRuntime, Job
+from services.common.delivery.steps import Steps
+from services.common.events import CloudEvent
 from services.common.kafka import EVENTS, dlq_topic
 from services.common.ledger import Ledger, idempotency_key, upgrade
 from services.common.ops import DlqFilter, read_dlq, replay
 from services.common.outcome import Outcome
-from tests.common.fake_target import ACTION, CONNECTION, NAME, FakeTarget
+from tests.common.fake_target import ACTION, CONNECTION, NAME, SOURCE, FakeTarget
 from tests.support import FAST_DELIVERY, client_event, committed, eventually, publish_events
 
 
@@ -40,7 +43,8 @@ async def running(
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(dlq_topic(NAME), num_partitions=1, replication_factor=1)])
+        if dlq_topic(NAME) not in await admin.list_topics():
+            await admin.create_topics([NewTopic(dlq_topic(NAME), num_partitions=1, replication_factor=1)])
     finally:
         await admin.close()
     settings = Settings.model_validate(
@@ -177,3 +181,55 @@ async def test_a_permanent_failure_is_a_dead_letter_and_its_replay_delivers_once
 
 async def _all_committed(bootstrap: str, n: int) -> bool:
     return sum((await committed(bootstrap, f"relay-{NAME}", EVENTS)).values()) >= n
+
+
+class TwoSteps(FakeTarget):
+    """``create`` then ``attach``, each an effect of its own; the first attempt dies between the two."""
+
+    def __init__(self, die_after_create: asyncio.Event | None) -> None:
+        super().__init__()
+        self.created: list[str] = []
+        self.attached: list[tuple[str, str]] = []
+        self.die = die_after_create
+        self.dying = asyncio.Event()
+
+    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
+        made = await steps.result("create")
+        if made is None:
+            made = f"contact-{event.id}"
+            self.created.append(event.id)
+            await steps.finish("create", made)
+        if self.die is not None:
+            self.dying.set()
+            await self.die.wait()  # the process "dies" here: never answers, the record stays uncommitted
+        if await steps.result("attach") is None:
+            self.attached.append((event.id, made))
+            await steps.finish("attach", f"deal-on-{made}")
+        await steps.remember("client", event.data.client.id if event.data.client else "", made)
+        return Outcome.success(target_ref=made)
+
+
+async def test_a_delivery_of_two_steps_resumes_at_the_unfinished_one_after_a_crash(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    never = asyncio.Event()
+    first = TwoSteps(die_after_create=never)
+    async with running(kafka, tmp_path, first, shutdown_grace_s=0.5) as r:
+        await publish_events(r.bootstrap, client_event("s0", "S", None))
+        await asyncio.wait_for(first.dying.wait(), 15)
+    # Stopped with the attempt still on the wire: nothing committed, `create` kept with its result.
+    assert first.created == ["s0"]
+    assert first.attached == []
+    second = TwoSteps(die_after_create=None)
+    async with running(kafka, tmp_path, second) as r:
+        await eventually(lambda: second.attached != [], timeout=30, what="the event read again and resumed")
+
+        async def recorded() -> bool:
+            return await r.status("s0") == "delivered"
+
+        await eventually(recorded, timeout=10, what="the delivery recorded")
+        entity = await r.ledger.entity(f"{SOURCE}/{CONNECTION}", "client", "S")
+    assert second.created == []  # the create step was not sent again
+    assert second.attached == [("s0", "contact-s0")]  # the second step got the first step's result
+    assert entity is not None
+    assert entity.target_id == "contact-s0"

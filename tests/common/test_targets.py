@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.common import targets
 from services.common.config import KafkaSettings, SourceConfig, load_settings
+from services.common.delivery.steps import Steps
 from services.common.events import CloudEvent, EventName
 from services.common.outcome import Outcome
 from tests.support import FAST_DELIVERY, client_event, eventually, publish_events, serve_app
@@ -39,7 +40,7 @@ delivered: list[tuple[str, str, str, str]] = []
 def _deliverer(
     source: SourceConfig, conn: ProbeConnection, transport: httpx.AsyncBaseTransport
 ) -> targets.Deliver:
-    async def deliver(action: str, event: CloudEvent, idempotency_key: str) -> Outcome:
+    async def deliver(action: str, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
         delivered.append((source.name, conn.api_key, action, event.id))
         return Outcome.success()
 

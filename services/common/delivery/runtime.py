@@ -27,6 +27,7 @@ from services.common.config import DeliverySettings, Settings
 from services.common.delivery.offsets import PartitionOffsets
 from services.common.delivery.policy import RetryPolicy, parse_schedule
 from services.common.delivery.protection import CircuitBreaker, CircuitState, TokenBucket
+from services.common.delivery.steps import Steps
 from services.common.dlq import dead_letter_headers
 from services.common.events import CloudEvent, header
 from services.common.failpoints import hit
@@ -76,7 +77,7 @@ class Target(Protocol):
 
     def jobs(self, event: CloudEvent) -> list[Job]: ...
 
-    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str) -> Outcome: ...
+    async def deliver(self, job: Job, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome: ...
 
 
 class _Stopped(Exception):
@@ -387,7 +388,7 @@ class DeliveryRuntime:
             async with self._slots:
                 IN_FLIGHT.labels(self.target.name).inc()
                 try:
-                    outcome = await self.target.deliver(job, event, key)
+                    outcome = await self.target.deliver(job, event, key, Steps(self.ledger, key, job.conn_id))
                 finally:
                     IN_FLIGHT.labels(self.target.name).dec()
             elapsed = time.perf_counter() - t0

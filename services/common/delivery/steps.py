@@ -1,0 +1,41 @@
+"""What a delivery of several steps has done so far, and the connection's entity map.
+
+A target whose action takes more than one call (create a contact, then a deal on it) asks, before each step,
+whether it finished in an earlier attempt; a finished step is kept with its result (the ids the target
+returned) before the next one is sent. So a retry, a crash, a rebalance or a DLQ replay resumes at the first
+unfinished step, and each step takes effect once. The entity map remembers, per connection, the target's id
+for a Klientiks client or visit and a hash of what was last sent, for later events to read.
+"""
+
+from __future__ import annotations
+
+from services.common.ledger import Entity, Ledger
+
+
+class Steps:
+    """One delivery (by idempotency key) of one connection, as the target's deliverer sees it."""
+
+    def __init__(self, ledger: Ledger, idempotency_key: str, connection: str) -> None:
+        self._ledger, self.key, self.connection = ledger, idempotency_key, connection
+        self._done: dict[str, str] | None = None  # read on first use: single-step targets never pay for it
+
+    async def result(self, step: str) -> str | None:
+        """What ``step`` returned when it finished, or None if it has not."""
+        if self._done is None:
+            self._done = await self._ledger.finished_steps(self.key)
+        return self._done.get(step)
+
+    async def finish(self, step: str, result: str) -> None:
+        """Keep ``step`` as finished with ``result``: durable when this returns, before the next step."""
+        await self._ledger.finish_step(self.key, step, result)
+        if self._done is not None:
+            self._done[step] = result
+
+    async def entity(self, kind: str, klientiks_id: str) -> Entity | None:
+        """The target's id for a Klientiks ``kind`` ("client", "visit") of this connection, if known."""
+        return await self._ledger.entity(self.connection, kind, klientiks_id)
+
+    async def remember(
+        self, kind: str, klientiks_id: str, target_id: str, content_hash: str | None = None
+    ) -> None:
+        await self._ledger.remember_entity(self.connection, kind, klientiks_id, target_id, content_hash)
