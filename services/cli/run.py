@@ -77,11 +77,18 @@ def _secret(name: str) -> str:
     return f"${{file:secrets/{name}}}"
 
 
-def _demo_config(state: Path, sandbox_url: str, klientiks_url: str) -> Path:
-    """Write the embedded demo config; its secrets live in files beside it, never in the YAML."""
+def _demo_config(state: Path, sandbox_urls: dict[str, str], klientiks_url: str) -> Path:
+    """Write the embedded demo config: one connection to each registered target's sandbox (``sandbox_urls``);
+    its secrets live in files beside it, never in the YAML."""
     from services.common.embedded import private_secret
 
-    for name in ("demo-token", "maxma-key", "klientiks-token"):
+    connections = []
+    for name, url in sandbox_urls.items():
+        spec = targets.get(name)
+        if spec.demo is not None and spec.sandbox_secret is not None:
+            private_secret(state / "secrets" / spec.sandbox_secret[1])
+            connections.append(spec.demo(url, _secret(spec.sandbox_secret[1])))
+    for name in ("demo-token", "klientiks-token"):
         private_secret(state / "secrets" / name)
     private_secret(state / "secrets" / "phone-hash-key", 32)
     config: dict[str, Any] = {
@@ -98,21 +105,14 @@ def _demo_config(state: Path, sandbox_url: str, klientiks_url: str) -> Path:
                     "access_token": _secret("klientiks-token"),
                     "base_url": f"{klientiks_url}/clientix/Restapi",
                 },
-                "connections": [
-                    {
-                        "target": "maxma",
-                        "base_url": sandbox_url,
-                        "processing_key": _secret("maxma-key"),
-                        "events": {"client-created": "new-client"},
-                    }
-                ],
+                "connections": connections,
             }
         ],
     }
     path = state / "demo.yaml"
     path.write_text(
         "# Written by `relay run`: one demo salon, thin webhooks completed from the sandbox Klientiks API,\n"
-        "# delivering to the sandbox Maxma.\n" + to_yaml(config),
+        "# delivering to each target's sandbox.\n" + to_yaml(config),
         encoding="utf-8",
     )
     return path
@@ -174,11 +174,15 @@ def run(
     (STATE / "logs").mkdir(exist_ok=True)
     ports = {name: port + port_offset for name, _, port in ROLES}
     ingest_url = f"http://127.0.0.1:{ports['ingest-api']}"
-    sandbox_url = f"http://127.0.0.1:{ports['sandbox-maxma']}"
+    sandbox_urls = {
+        n[len("sandbox-") :]: f"http://127.0.0.1:{p}" for n, p in ports.items() if n.startswith("sandbox-")
+    }
+    sandbox_urls.pop("klientiks")
+    sandbox_url = sandbox_urls.get("maxma", "")
     config = (
         Path(os.environ["RELAY_CONFIG"])
         if os.environ.get("RELAY_CONFIG")
-        else _demo_config(STATE, sandbox_url, f"http://127.0.0.1:{ports['sandbox-klientiks']}")
+        else _demo_config(STATE, sandbox_urls, f"http://127.0.0.1:{ports['sandbox-klientiks']}")
     )
     env = dict(os.environ)
     env.update(RELAY_CONFIG=str(config.resolve()), RELAY_LOG_FORMAT="json")

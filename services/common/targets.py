@@ -59,6 +59,8 @@ class TargetSpec:
     sandbox_secret: tuple[str, str] | None = None  # e.g. ("--key-file", "maxma-key")
     # The connection's key naming the vendor's URL (a sandbox is started for it when it points there).
     url_key: str = "base_url"
+    # The demo config's connection to the sandbox: (sandbox URL, reference to its secret) -> the mapping.
+    demo: Callable[[str, str], dict[str, Any]] | None = None
 
 
 _specs: dict[str, TargetSpec] = {}

@@ -40,4 +40,10 @@ TARGET = TargetSpec(
     port=8082,
     sandbox_port=8090,
     sandbox_secret=("--key-file", "maxma-key"),
+    demo=lambda url, key: {
+        "target": "maxma",
+        "base_url": url,
+        "processing_key": key,
+        "events": {"client-created": "new-client"},
+    },
 )

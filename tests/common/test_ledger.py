@@ -281,3 +281,24 @@ async def test_one_process_at_a_time_holds_an_exclusive_lock(db_url: str) -> Non
     finally:
         await first.close()
         await second.close()
+
+
+async def test_finished_steps_and_the_entity_map_are_kept_and_updated(ledger: Ledger) -> None:
+    assert await ledger.finished_steps("k1") == {}
+    await ledger.finish_step("k1", "create", "contact-1")
+    await ledger.finish_step("k1", "create", "contact-1b")  # a step finished again keeps the newest result
+    await ledger.finish_step("k1", "attach", "deal-1")
+    await ledger.finish_step("k2", "create", "contact-2")
+    assert await ledger.finished_steps("k1") == {"create": "contact-1b", "attach": "deal-1"}
+
+    assert await ledger.entity("salon/weeek", "client", "42") is None
+    await ledger.remember_entity("salon/weeek", "client", "42", "c-9", "h1")
+    await ledger.remember_entity("salon/weeek", "client", "42", "c-9", "h2")
+    await ledger.remember_entity("other/weeek", "client", "42", "c-1", None)
+    found = await ledger.entity("salon/weeek", "client", "42")
+    assert found is not None
+    assert (found.target_id, found.content_hash) == ("c-9", "h2")
+    other = await ledger.entity("other/weeek", "client", "42")
+    assert other is not None
+    assert other.target_id == "c-1"  # per connection
+    assert await ledger.entity("salon/weeek", "visit", "42") is None  # per kind
