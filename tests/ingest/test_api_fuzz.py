@@ -1,7 +1,8 @@
-"""Hostile input at the door: schemathesis against the published OpenAPI, then 10,000 fuzzed requests.
+"""Hostile input at the door: schemathesis against the published OpenAPI, then 3,000 fuzzed requests.
 
 A live API on a real broker (in a thread: schemathesis and hypothesis drive it synchronously).
-Bar: no 5xx, and nothing published from a refused request.
+Bar: no 5xx, and nothing published from a refused request. The design's 10,000 requests run end to end in
+tests/e2e/test_hostile_end_to_end.py.
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ _requests = st.fixed_dictionaries(
     }
 )
 
-FUZZ_REQUESTS = 10_000
+# The design's 10,000 hostile requests run end to end in tests/e2e/test_hostile_end_to_end.py (no 5xx, inbox
+# = the 202'd ids, and delivery); here hypothesis drives the API alone, shrinking a failure to its cause.
+FUZZ_REQUESTS = 3_000
 
 
 @settings(max_examples=FUZZ_REQUESTS, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -186,7 +189,7 @@ def _fuzz(req: dict[str, Any], http: httpx.Client, live: Live, answers: dict[int
 
 
 @pytest.mark.timeout(600)
-def test_ten_thousand_fuzzed_requests_no_5xx_and_only_accepted_ones_are_published(live: Live) -> None:
+def test_fuzzed_requests_no_5xx_and_only_accepted_ones_are_published(live: Live) -> None:
     answers: dict[int, int] = {}
     with httpx.Client(base_url=live.url, timeout=30) as http:
         _fuzz(http=http, live=live, answers=answers)
