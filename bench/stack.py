@@ -10,8 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import yaml
+
+from services.common import targets
 
 TOKEN = "bench-token-0123456789abcdef"
 KEY = "bench-processing-key-0123456789"
@@ -19,16 +23,23 @@ KEY = "bench-processing-key-0123456789"
 
 def maxma_config(work: Path, sandbox_url: str | None, source: str = "bench") -> Path:
     """A config with one source and, if ``sandbox_url`` is given, its Maxma connection; secrets referenced."""
+    return target_config(work, {"maxma": sandbox_url} if sandbox_url else {}, source)
+
+
+def target_config(work: Path, urls: dict[str, str], source: str = "bench") -> Path:
+    """One source with a connection to each target in ``urls``: the registry's demo connection of each, its
+    secret in the file ``key`` (every sandbox is started with the same key)."""
     (work / "key").write_text(KEY)
-    text = f"sources:\n  - name: {source}\n    token: ${{BENCH_TOKEN}}\n"
-    if sandbox_url:
-        text += (
-            "    connections:\n      - target: maxma\n"
-            f"        base_url: {sandbox_url}\n        processing_key: ${{file:key}}\n"
-            "        events:\n          client-created: new-client\n"
-        )
+    connections = []
+    for name, url in urls.items():
+        demo = targets.get(name).demo
+        assert demo is not None, f"{name} declares no demo connection"
+        connections.append(demo(url, "${file:key}"))
+    src: dict[str, Any] = {"name": source, "token": "${BENCH_TOKEN}"}
+    if connections:
+        src["connections"] = connections
     config = work / "relay.yaml"
-    config.write_text(text)
+    config.write_text(yaml.safe_dump({"sources": [src]}, allow_unicode=True, sort_keys=False))
     return config
 
 

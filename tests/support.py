@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,9 +18,11 @@ from typing import Any
 
 import httpx
 import uvicorn
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from services.common import targets
 from services.common.events import Client, CloudEvent, EventData, EventName, kafka_key, source_uri
 from services.common.kafka import EVENTS
 from services.common.ledger import Ledger, upgrade
@@ -78,22 +80,30 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(path: Path, *, maxma_url: str, extra_connection: str = "", **options: object) -> Path:
-    path.write_text(
-        "sources:\n"
-        "  - name: salon\n"
-        "    token: ${RELAY_TEST_SOURCE_TOKEN}\n"
-        "    timezone: Europe/Moscow\n"
-        "    phone_region: RU\n"
-        "    connections:\n"
-        "      - target: maxma\n"
-        f"        base_url: {maxma_url}\n"
-        "        processing_key: ${RELAY_TEST_MAXMA_KEY}\n"
-        + "".join(f"        {k}: {v}\n" for k, v in options.items())
-        + "        events:\n"
-        "          client-created: new-client\n" + extra_connection
-    )
+def write_config(
+    path: Path, *, maxma_url: str | None = None, urls: Mapping[str, str] | None = None, **options: object
+) -> Path:
+    """One source, ``salon``, with a connection to each target in ``urls`` (and Maxma at ``maxma_url``).
+
+    Each connection is its target's demo connection from the registry, its secret read from
+    ``RELAY_TEST_<TARGET>_KEY``; ``options`` are added to every connection.
+    """
+    wanted = {**(urls or {}), **({"maxma": maxma_url} if maxma_url else {})}
+    connections = [
+        {**demo_connection(name, url, f"${{RELAY_TEST_{name.upper()}_KEY}}"), **options}
+        for name, url in wanted.items()
+    ]
+    source = {"name": "salon", "token": "${RELAY_TEST_SOURCE_TOKEN}", "timezone": "Europe/Moscow",
+              "phone_region": "RU", "connections": connections}  # fmt: skip
+    path.write_text(yaml.safe_dump({"sources": [source]}, allow_unicode=True, sort_keys=False))
     return path
+
+
+def demo_connection(target: str, url: str, secret: str) -> dict[str, Any]:
+    """``target``'s connection to the server at ``url``, as the registry's demo config writes it."""
+    spec = targets.get(target)
+    assert spec.demo is not None, f"{target} declares no demo connection"
+    return spec.demo(url, secret)
 
 
 @dataclass
