@@ -85,9 +85,19 @@ def _table(dead_letters: Sequence[DeadLetter]) -> Table:
         table.add_row(
             cell(utc(dl.last_attempt_at)), cell(dl.target), cell(dl.conn_id), cell(dl.action),
             cell(dl.event_id), cell(dl.class_), cell(dl.http_status), cell(dl.vendor_code),
-            cell(dl.attempts), cell(mask_text(dl.reason)),
+            cell(dl.attempts), cell(mask_text(_why(dl))),
         )  # fmt: skip
     return table
+
+
+def _why(dl: DeadLetter) -> str:
+    """The reason, the vendor's hint, and whether the connection's circuit opened on it."""
+    why = dl.reason
+    if dl.hint:
+        why += f" (hint: {dl.hint})"
+    if dl.opened_circuit:
+        why += " [circuit opened: the connection's deliveries wait until this is fixed]"
+    return why
 
 
 def _per_target(dead_letters: Sequence[DeadLetter]) -> str:

@@ -94,13 +94,45 @@ def sandbox_maxma(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8090,
     key_file: Annotated[Path | None, typer.Option(help="File holding the accepted X-Processing-Key.")] = None,
+    shop: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--shop", metavar="CODE", help="A shop code the account has; repeat for more (default: main)."
+        ),
+    ] = None,
 ) -> None:
     """A fake Maxma API that answers like the real one and can be told to fail."""
-    from services.sandbox.maxma import create_maxma_app
+    from services.sandbox.maxma import DEFAULT_SHOPS, create_maxma_app
 
     configure_logging()
     keys = {key_file.read_text().strip()} if key_file else None
-    serve(create_maxma_app(processing_keys=keys), host, port)
+    try:
+        app = create_maxma_app(processing_keys=keys, shops=shop or DEFAULT_SHOPS)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--shop") from None
+    serve(app, host, port)
+
+
+@sandbox_app.command("cpahouse")
+def sandbox_cpahouse(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8092,
+    key_file: Annotated[
+        Path | None, typer.Option(help="File holding the accepted api_key (without it any key is accepted).")
+    ] = None,
+    webmaster_id: Annotated[
+        int, typer.Option(min=1, help="The id_webmaster of the accepted api_key.")
+    ] = 1001,
+) -> None:
+    """A fake CPA.House lead API (send_order) that answers like the real one and can be told to fail."""
+    from services.sandbox.cpahouse import create_cpahouse_app
+
+    configure_logging()
+    key = key_file.read_text().strip() if key_file else None
+    if key == "":
+        raise typer.BadParameter("the key file is empty", param_hint="--key-file")
+    accounts = {key: str(webmaster_id)} if key is not None else None
+    serve(create_cpahouse_app(accounts=accounts), host, port)
 
 
 @sandbox_app.command("klientiks")

@@ -241,7 +241,7 @@ def run(
         supervisor.start()
         procs = supervisor.procs
         for name in roles:
-            probe = "/_sandbox/clients" if name.startswith("sandbox-") else "/readyz"
+            probe = "/_sandbox/faults" if name.startswith("sandbox-") else "/readyz"
             try:
                 _wait_ready(f"http://127.0.0.1:{ports[name]}{probe}", procs[name])
             except RuntimeError as e:
@@ -270,7 +270,10 @@ def run(
                 soft_wrap=True,
             )
             if "sandbox-maxma" in roles:
-                console.print(f"  curl {sandbox_url}/_sandbox/clients\n")
+                console.print(f"  curl {sandbox_url}/_sandbox/clients")
+            if "sandbox-cpahouse" in roles:
+                console.print(f"  curl http://127.0.0.1:{ports['sandbox-cpahouse']}/_sandbox/leads")
+            console.print()
         if demo and settings.sources:
             _send_demo(ingest_url, settings.sources[0].token.get_secret_value(), 5)
         code = asyncio.run(_live_view(settings.database_url, supervisor, broker_proc))

@@ -85,8 +85,8 @@ class ConnectionConfig(BaseModel):
     target: str
     name: str = ""
     enabled: bool = True
-    # Klientiks event -> target action, e.g. {"client-created": "new-client"}.
-    events: dict[EventName, str] = Field(min_length=1)
+    # Klientiks event -> target action, e.g. {"client-created": "new-client"}; unset: the target's default.
+    events: dict[EventName, str] | None = None
     rate_limit_per_s: float | None = Field(None, gt=0)
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
@@ -447,7 +447,8 @@ def target_connections(settings: Settings, target: str, model: type[M]) -> Itera
             if conn.target != target or not conn.enabled:
                 continue
             try:
-                found.append((source, model.model_validate(conn.model_dump())))
+                # Unset keys (None) take the target model's defaults, e.g. its default `events`.
+                found.append((source, model.model_validate(conn.model_dump(exclude_none=True))))
             except ValidationError as e:
                 where = f"sources[{si}].connections[{ci}]"
                 problems.extend(validation_problems(e, where, allowed=list(model.model_fields)))

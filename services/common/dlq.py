@@ -35,4 +35,9 @@ def dead_letter_headers(
         headers[f"{PREFIX}http-status"] = str(outcome.http_status)
     if outcome.vendor_code is not None:
         headers[f"{PREFIX}vendor-code"] = outcome.vendor_code
+    if outcome.hint:
+        headers[f"{PREFIX}vendor-hint"] = outcome.hint[:1000]
+    if outcome.opens_circuit:
+        # The connection's circuit opened on this answer: its later events wait (parked) for the fix.
+        headers[f"{PREFIX}circuit"] = "opened"
     return headers

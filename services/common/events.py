@@ -66,12 +66,24 @@ class Client(Payload):
     deleted: bool | None = None
 
 
+class ServiceLine(Payload):
+    """One service of a visit with its price, as the Klientiks API lists it (``appointed_services``)."""
+
+    name: str = Field(min_length=1)
+    service_id: str | None = None
+    price: Money | None = Field(None, description="the price of one, a decimal string")
+    qty: int = Field(1, ge=1)
+
+
 class Appointment(Payload):
     id: str | None = None
     start: AwareDatetime | None = Field(None, description="in the source's time zone")
     status: str | None = None
     total_cost: Money | None = None
     services: list[str] = Field(default_factory=list)
+    lines: list[ServiceLine] = Field(
+        default_factory=list, description="the services with their prices, from the Klientiks API"
+    )
     executor: Person | None = None
     created: AwareDatetime | None = None
     paid: bool | None = None

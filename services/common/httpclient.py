@@ -5,8 +5,14 @@ Vendor clients send on this transport with :func:`services.common.vendorhttp.sen
 
 from __future__ import annotations
 
+import aiohttp
 import httpx
-from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp import AiohttpTransport, transport
+
+# httpx-aiohttp maps every aiohttp.ClientConnectionError (a refused, reset or dropped connection) to
+# httpx.ConnectTimeout: a vendor that merely dropped a connection would be throttled as if it were slow.
+# A network error it is; its timeouts (ServerTimeoutError, SocketTimeoutError) keep their own entries.
+transport.AIOHTTP_EXC_MAP[aiohttp.ClientConnectionError] = httpx.NetworkError
 
 
 def make_transport(max_connections: int) -> httpx.AsyncBaseTransport:

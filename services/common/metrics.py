@@ -50,6 +50,11 @@ DELIVERIES = Counter(
     "Delivery outcomes by target and action (success, duplicate, retryable, permanent).",
     ["target", "action", "outcome"],
 )
+SKIPS = Counter(
+    "relay_delivery_skips_total",
+    "Events a connection had nothing to send for (no confirmed order to cancel, a lead already sent, ...).",
+    ["target", "action", "reason"],
+)
 ATTEMPT_LATENCY = Histogram(
     "relay_delivery_attempt_seconds",
     "Duration of one call to a target.",

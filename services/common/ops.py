@@ -112,6 +112,8 @@ class DeadLetter:
     partition: int
     offset: int
     timestamp: datetime
+    hint: str | None = None  # the vendor's advice (Maxma's ``hint``)
+    opened_circuit: bool = False  # this failure opened the connection's circuit (credentials, shop)
 
     @classmethod
     def from_record(cls, rec: Any) -> DeadLetter:
@@ -151,6 +153,8 @@ class DeadLetter:
             partition=rec.partition,
             offset=rec.offset,
             timestamp=timestamp,
+            hint=h("vendor-hint") or None,
+            opened_circuit=h("circuit") == "opened",
         )
 
 

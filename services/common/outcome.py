@@ -24,6 +24,12 @@ class Outcome:
     target_ref: str | None = None
     # True for HTTP 429 and timeouts: the target is overloaded, so back off harder.
     throttle: bool = False
+    # The vendor's advice on an error (Maxma's ``hint``), kept in the dead letter's headers.
+    hint: str | None = None
+    # A success that did nothing on purpose, with why (a stable code for the skip counter).
+    skipped: str | None = None
+    # Every call of this connection would fail the same way (bad credentials, unknown shop): open its circuit.
+    opens_circuit: bool = False
 
     @classmethod
     def success(
@@ -37,6 +43,11 @@ class Outcome:
         return cls(OutcomeKind.SUCCESS, reason, http_status, vendor_code, None, target_ref)
 
     @classmethod
+    def skip(cls, code: str, reason: str) -> Outcome:
+        """Nothing to send for this event (counted by ``code``, e.g. ``no_confirmed_order``)."""
+        return cls(OutcomeKind.SUCCESS, reason, skipped=code)
+
+    @classmethod
     def retryable(
         cls,
         reason: str,
@@ -45,16 +56,26 @@ class Outcome:
         vendor_code: str | None = None,
         retry_after: float | None = None,
         throttle: bool = False,
+        hint: str | None = None,
     ) -> Outcome:
         return cls(
-            OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after, None, throttle=throttle
-        )
+            OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after, None, throttle=throttle,
+            hint=hint,
+        )  # fmt: skip
 
     @classmethod
     def permanent(
-        cls, reason: str, *, http_status: int | None = None, vendor_code: str | None = None
+        cls,
+        reason: str,
+        *,
+        http_status: int | None = None,
+        vendor_code: str | None = None,
+        hint: str | None = None,
+        opens_circuit: bool = False,
     ) -> Outcome:
-        return cls(OutcomeKind.PERMANENT, reason, http_status, vendor_code)
+        return cls(
+            OutcomeKind.PERMANENT, reason, http_status, vendor_code, hint=hint, opens_circuit=opens_circuit
+        )
 
     @property
     def ok(self) -> bool:

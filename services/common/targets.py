@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 # name -> the module whose ``TARGET`` is its spec. One line per target.
 ENTRIES: dict[str, str] = {
     "maxma": "services.maxma.plugin",
+    "cpahouse": "services.cpahouse.plugin",
 }
 
 # What a connection's deliverer does: one action for one event, sent once in effect under the key; a

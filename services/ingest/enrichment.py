@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from services.common.events import Appointment, Client, CloudEvent, Person, kafka_key
+from services.common.events import Appointment, Client, CloudEvent, EventName, Person, ServiceLine, kafka_key
 from services.ingest.parsing import (
     SERVICE_CAP,
     TEXT_CAP,
@@ -24,6 +25,7 @@ from services.ingest.parsing import (
     normalize_phone,
     parse_bool,
     parse_datetime,
+    parse_money,
     split_services,
 )
 
@@ -53,6 +55,7 @@ _APPOINTMENT_PARAMS = {
     "start": ("appointment_date", "appointment_time"),
     "status": ("appointment_status", "status"),
     "services": ("services",),
+    "total_cost": ("appointment_total_cost",),
     "paid": ("appointment_paid",),
     "created": ("appointment_created",),
     "account_id": ("appointment_account_id",),
@@ -63,13 +66,16 @@ def needs_enrichment(event: CloudEvent) -> bool:
     """True for a thin webhook that the Klientiks API can complete.
 
     An appointment id without the client's phone and id, or without the start (seed 004 sends only
-    ``appointment_id`` and ``status``); or a client id without phone and name (served by the
+    ``appointment_id`` and ``status``); a paid visit without its amount (the seed's visit-paid template
+    sends none, and a bonus order needs it); or a client id without phone and name (served by the
     clients-changed-since scan, see ``KlientiksApiClient.get_client``).
     """
     client, appt = event.data.client, event.data.appointment
     if appt is not None and appt.id:
         no_client = client is None or not (client.phone or client.id)
         if no_client or appt.start is None:
+            return True
+        if appt.total_cost is None and event.type == EventName.VISIT_PAID.ce_type:
             return True
     if client is not None and client.id and not client.phone:
         return not (client.full_name or client.first_name or client.last_name)
@@ -241,17 +247,54 @@ def _appointment_fields(record: Mapping[str, Any], zone: ZoneInfo, region: str) 
         names = [n for s in services if isinstance(s, Mapping) and (n := _text(s.get("name"), SERVICE_CAP))]
     elif isinstance(services, str):
         names = split_services(services) or []
+    lines = _lines(services)
+    total = _amount(record.get("total_cost"))
+    if total is None and lines and all(line.price is not None for line in lines):
+        total = sum((line.price * line.qty for line in lines if line.price is not None), Decimal(0))
     fields: dict[str, Any] = {
         "id": clean_id(record.get("id")),
         "start": _when(record.get("start_datetime"), zone),
         "status": _text(record.get("status"), cap_of("status")),
         "services": names or None,
+        "lines": lines or None,
+        "total_cost": total,
         "paid": _flag(record.get("paid")),
         "created": _when(record.get("created"), zone),
         "account_id": clean_id(record.get("account_id")),
         "executor": _executor(record.get("executor"), region),
     }
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _amount(value: Any) -> Decimal | None:
+    """A price from the API: a JSON number or a decimal string, never negative, at most kopecks."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        value = str(value)
+    text = _text(value, cap_of("appointment_total_cost"))
+    amount = parse_money(text) if text else None
+    if amount is None or not amount.is_finite() or amount < 0 or amount.as_tuple().exponent < -2:  # type: ignore[operator]
+        return None
+    return amount
+
+
+def _lines(services: Any) -> list[ServiceLine]:
+    """The visit's services with their prices (``appointed_services[{service_id, name, price, count}]``)."""
+    if not isinstance(services, list):
+        return []
+    lines = []
+    for s in services:
+        if not isinstance(s, Mapping) or not (name := _text(s.get("name"), SERVICE_CAP)):
+            continue
+        qty = s.get("count", 1)
+        if isinstance(qty, str) and qty.isascii() and qty.isdigit():
+            qty = int(qty)
+        if isinstance(qty, bool) or not isinstance(qty, int) or not 1 <= qty <= 1000:
+            qty = 1
+        price = _amount(s.get("price"))
+        lines.append(ServiceLine(name=name, service_id=clean_id(s.get("service_id")), price=price, qty=qty))
+    return lines
 
 
 def _executor(value: Any, region: str) -> Person | None:

@@ -112,8 +112,11 @@ def clean_text(raw: str) -> str | None:
     """Text as it is shown: NFC, invisible characters dropped, each run of whitespace one space, trimmed.
 
     None when it is not text at all: a lone surrogate, which is what an undecodable byte or a ``\\ud800``
-    escape becomes. Whatever else comes back is printable (``str.isprintable``), possibly empty.
+    escape becomes, or U+FFFD, which an earlier decoder left for bytes it could not read. Whatever else
+    comes back is printable (``str.isprintable``), possibly empty.
     """
+    if "\ufffd" in raw:
+        return None
     if raw.isprintable() and "  " not in raw and unicodedata.is_normalized("NFC", raw):
         return raw.strip()  # the common case, in C: cheap on the request path (no surrogate is printable)
     try:
@@ -155,8 +158,11 @@ def fits(key: str, value: str, raw: str) -> bool:
         return False
     if key == "ip":
         try:
-            ipaddress.ip_address(value)
+            address = ipaddress.ip_address(value)
         except ValueError:
+            return False
+        # `fe80::1%eth0`: a zone names an interface of the client's machine, meaningless to anyone else.
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
             return False
     return True
 

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from services.common.events import EventName
 
-MaxmaAction = Literal["new-client"]
-ACTIONS: tuple[str, ...] = ("new-client",)
+MaxmaAction = Literal["new-client", "set-order", "cancel-order"]
+ACTIONS: tuple[str, ...] = ("new-client", "set-order", "cancel-order")
+
+# Which events each action can serve: an order needs a paid amount, a cancellation a status change.
+ACTION_EVENTS: dict[str, frozenset[EventName]] = {
+    "new-client": frozenset(EventName),
+    "set-order": frozenset({EventName.VISIT_PAID, EventName.INVOICE_CREATED}),
+    "cancel-order": frozenset({EventName.APPOINTMENT_CHANGED}),
+}
 
 
 class MaxmaConnection(BaseModel):
@@ -23,3 +30,42 @@ class MaxmaConnection(BaseModel):
     base_url: str = "https://api.maxma.com"
     processing_key: SecretStr
     timeout_s: float = Field(15.0, gt=0)
+    # The shop of every order (Maxma's `calculationQuery.shop`); required by `set-order`.
+    shop_code: str | None = Field(None, min_length=1, max_length=64)
+    shop_name: str | None = Field(None, min_length=1, max_length=255)
+    # The event whose `set-order` also confirms the order (bonuses are credited on confirmation).
+    confirm_on: Literal[EventName.VISIT_PAID, EventName.INVOICE_CREATED] = EventName.VISIT_PAID
+    # Klientiks statuses (`appointment-changed`) that cancel a confirmed order.
+    cancel_statuses: tuple[str, ...] = Field(("cancelled", "cancelled_by_sms"), min_length=1)
+
+    @field_validator("shop_code", "shop_name")
+    @classmethod
+    def _clean(cls, v: str | None) -> str | None:
+        if v is not None and (v != v.strip() or not v.isprintable()):
+            raise ValueError("must be printable text without leading or trailing spaces")
+        return v
+
+    @field_validator("cancel_statuses")
+    @classmethod
+    def _statuses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(s.strip().casefold() for s in v)
+
+    @model_validator(mode="after")
+    def _fits(self) -> MaxmaConnection:
+        for event, action in self.events.items():
+            if event not in ACTION_EVENTS[action]:
+                allowed = ", ".join(sorted(e.value for e in ACTION_EVENTS[action]))
+                raise ValueError(
+                    f"events.{event.value}: {action} takes only {allowed}; fix: map it elsewhere"
+                )
+        if "set-order" in self.events.values():
+            if not (self.shop_code and self.shop_name):
+                raise ValueError(
+                    "set-order needs the shop of the orders; fix: set shop_code and shop_name as in Maxma"
+                )
+            if self.events.get(self.confirm_on) != "set-order":
+                raise ValueError(
+                    f"confirm_on is {self.confirm_on.value}, which events does not map to set-order; "
+                    f"fix: add `{self.confirm_on.value}: set-order` to events, or change confirm_on"
+                )
+        return self

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo
 
@@ -409,6 +410,7 @@ class KlientiksSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
                 {"id": aid * 10 + i, "service_id": sid, "name": name, "type": "service", "price": price}
                 for i, (sid, name, price) in enumerate(services)
             ],
+            "total_cost": f"{sum((Decimal(price) for _, _, price in services), Decimal(0)):.2f}",
             "created": klientiks_time(created),
             "modified": klientiks_time(max(created, min(start, created + timedelta(hours=3)))),
             "paid": paid,

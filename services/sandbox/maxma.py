@@ -3,37 +3,58 @@
 Maxma methods are ``POST {base}/{method}`` with a JSON body and an ``X-Processing-Key`` header.
 Business errors come back as HTTP 200 with ``{"errorCode", "description", "hint"?}``, which is
 what the official PHP and Go SDKs expect. Shapes follow those SDKs (e.g. the reply ``card`` is an
-integer and ``cardString`` a string, as in both SDKs' client models).
+integer and ``cardString`` a string, as in both SDKs' client models). Input is checked strictly
+(the rules below), so the relay meets a fake at least as picky as the real API is taken to be.
 
 Assumptions that are not confirmed by the SDKs, kept here so nobody mistakes them for facts:
 
 * A missing or unknown ``X-Processing-Key`` is answered with HTTP 401 and errorCode 22.
 * The bonus arithmetic of ``v2/set-order`` is a sandbox rule (see ``_BONUS_*``), not Maxma's.
-* ``cancel-order`` of a confirmed or cancelled order answers 32, like a second ``confirm-order``.
+* The account has the shops given to :class:`MaxmaSandbox` (default just ``"main"``); a shop code
+  it does not know is errorCode 5. ``v2/set-order`` needs ``calculationQuery.shop`` with a
+  non-empty ``code`` and ``name``; ``new-client``'s optional ``shop`` is checked the same way.
+* ``cancel-order`` of a confirmed order is a refund: allowed, it takes back the pending bonuses the
+  confirmation credited and returns the applied ones. A second ``confirm-order``, a confirm of a
+  cancelled order and a second ``cancel-order`` answer 32; ``v2/set-order`` of a confirmed or
+  cancelled order answers 32 too.
+* Every string in a request body, keys included, must be clean text: no control or format character
+  (Unicode categories Cc, Cf), no U+FFFD, no lone surrogate, no leftover ``{{placeholder}}``, and not
+  empty or only whitespace (a real client leaves an unset field out, or sends null). Anything else is
+  errorCode 2 with a hint naming the JSON path, checked before anything changes. JSON that is not
+  strict (NaN, Infinity, invalid UTF-8, a byte order mark) is errorCode 2 as well.
+* Order rows follow the SDK models: ``product.sku`` and ``product.title`` are required,
+  ``product.blackPrice`` (and ``redPrice`` if given) is a number >= 0 with at most 2 decimal places
+  (a JSON number or a decimal string), ``qty`` > 0, a row ``id`` is a string unique in the order;
+  ``orderId`` is a string of at most 64 characters; ``executedAt`` is an RFC 3339 date-time with an
+  offset.
 
 Everything under ``/_sandbox/`` is a control API for tests, the demo and benchmarks; the real
-Maxma has no such paths.
+Maxma has no such paths. Besides the kit's routes there are ``GET /_sandbox/clients``,
+``GET /_sandbox/orders`` and ``GET``/``POST /_sandbox/shops``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.sandbox import kit
 from services.sandbox.kit import ActiveFault, SandboxConnectionDroppedError
 
 __all__ = [
+    "DEFAULT_SHOPS",
     "ERROR_DESCRIPTIONS",
     "MAXMA_PATHS",
     "ActiveFault",
@@ -43,6 +64,7 @@ __all__ = [
     "SandboxClient",
     "SandboxConnectionDroppedError",
     "SandboxOrder",
+    "ShopSpec",
     "create_maxma_app",
 ]
 
@@ -61,9 +83,14 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     1: "Чек не обработан процессингом или обработан с ошибкой",
     2: "В запросе к процессингу обнаружена ошибка или неверный вид JSON",
     3: "Клиент не найден",
+    4: "Аккаунт клиента заблокирован",
+    5: "Магазин не найден",
+    17: "Операция уже обработана",
     18: "Не переданы позиции заказа",
     20: "Номер телефона клиента не валиден",
+    21: "Продажа не найдена",
     22: "Не передан ключ аутентификации",
+    23: "Клиент не аутентифицирован",
     24: "Клиент с таким номером телефона уже существует",
     25: "Карта уже привязана к другому клиенту",
     29: "У клиента не задан номер телефона",
@@ -74,7 +101,18 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     49: "Сервис временно недоступен",
 }
 
-_PHONE_RE = re.compile(r"\+\d{10,15}")
+#: The shop codes of a sandbox account unless it is given its own.
+DEFAULT_SHOPS: tuple[str, ...] = ("main",)
+
+_PHONE_RE = re.compile(r"\+[0-9]{10,15}")
+# RFC 3339 date-time with a mandatory offset; the ranges are checked by datetime.fromisoformat.
+_RFC3339_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_DECIMAL_TEXT_RE = re.compile(r"[0-9]+(\.[0-9]+)?")
+_PLACEHOLDER_RE = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+_ORDER_ID_MAX = 64
+_MONEY_PLACES = Decimal("0.01")
 _CARD_PREFIX = "2222000"
 _KEY_HEADER = "x-processing-key"
 # The sandbox's own bonus rule: up to half of an order may be paid with bonuses, 5 % is accrued.
@@ -118,6 +156,28 @@ class RecordedRequest(kit.RecordedRequest):
     key_present: bool
     key_valid: bool
     error_code: int | None = None  # errorCode in the answer, if any
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; a lone surrogate in the body is shown as its ``\\udXXX`` escape."""
+        out = super().to_dict()
+        with contextlib.suppress(RecursionError):  # a very deep body is shown as it came
+            out["body"] = _printable(self.body)
+        return out
+
+
+def _printable(value: Any) -> Any:
+    """``value`` with lone surrogates escaped, since a JSON answer (UTF-8) cannot carry them."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+        return value
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value
 
 
 # camelCase Maxma field -> SandboxClient attribute, for fields a client may send.
@@ -169,7 +229,7 @@ class SandboxClient:
         """The ``client`` object of new-client/update-client/get-balance replies."""
         out: dict[str, Any] = {"phoneNumber": self.phone_number}
         # Both SDKs model the reply card as an integer and cardString as its text.
-        if self.card.isdigit():
+        if self.card.isascii() and self.card.isdigit():
             out["card"] = int(self.card)
         out["cardString"] = self.card
         optional = {
@@ -222,7 +282,11 @@ class SandboxClient:
 
 @dataclass
 class SandboxOrder:
-    """An order placed by ``v2/set-order``; status moves new -> confirmed | cancelled."""
+    """An order placed by ``v2/set-order``; status moves new -> confirmed | cancelled, confirmed -> cancelled.
+
+    ``confirmations`` and ``cancellations`` count the successful ``confirm-order`` and ``cancel-order``
+    calls (a repeat answered 32 does not count), so a test can tell "confirmed once, then refunded".
+    """
 
     order_id: str
     client_id: int | None
@@ -231,7 +295,12 @@ class SandboxOrder:
     total: Decimal
     applied_bonuses: int
     collected_bonuses: int
+    executed_at: str | None = None  # calculationQuery.executedAt of the set-order, as sent
     status: Literal["new", "confirmed", "cancelled"] = "new"
+    confirmations: int = 0
+    cancellations: int = 0
+    confirmed_at: str | None = None  # executedAt of the confirm-order, as sent
+    cancelled_at: str | None = None  # executedAt of the cancel-order, as sent
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -246,6 +315,11 @@ class SandboxOrder:
             "totalAmount": float(self.total),
             "appliedBonuses": self.applied_bonuses,
             "collectedBonuses": self.collected_bonuses,
+            "executedAt": self.executed_at,
+            "confirmations": self.confirmations,
+            "cancellations": self.cancellations,
+            "confirmedAt": self.confirmed_at,
+            "cancelledAt": self.cancelled_at,
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
         }
@@ -296,8 +370,50 @@ def _matches(body: Any, want: Mapping[str, str]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Input validation helpers (all raise errorCode 2 with a hint naming the field)
+# Input validation helpers (all raise errorCode 2 with a hint naming the field's JSON path)
 # --------------------------------------------------------------------------------------------
+
+
+def _path(where: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def _string_problem(text: str) -> str | None:
+    """Why ``text`` is not clean text a real client would send, or None when it is."""
+    for char in text:
+        if char == "\ufffd":
+            return "holds U+FFFD, the mark of text decoded from invalid bytes"
+        category = unicodedata.category(char)
+        if category == "Cs":
+            return "holds a lone surrogate"
+        if category in ("Cc", "Cf"):
+            return f"holds the control or format character U+{ord(char):04X}"
+    if _PLACEHOLDER_RE.search(text):
+        return "holds a template placeholder {{...}} that was never filled in"
+    if not text.strip():
+        return "is empty or only whitespace"
+    return None
+
+
+def _check_strings(body: Any) -> None:
+    """Answer 2 for the first string (a key or a value, at any depth) that is not clean text."""
+    # Depth first in document order, without recursion: JSON may nest deeper than Python's stack.
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if problem := _string_problem(value):
+                raise _MaxmaError(2, f"{where or 'request body'} {problem}")
+        elif isinstance(value, dict):
+            for key in value:
+                if problem := _string_problem(key):
+                    # !a: the key itself may not survive a UTF-8 answer (a lone surrogate).
+                    raise _MaxmaError(2, f"the key {key!a} in {where or 'the request body'} {problem}")
+            stack.extend((value[key], _path(where, key)) for key in reversed(list(value)))
+        elif isinstance(value, list):
+            stack.extend((value[i], _path(where, i)) for i in reversed(range(len(value))))
 
 
 def _as_object(value: Any, name: str) -> dict[str, Any]:
@@ -306,16 +422,23 @@ def _as_object(value: Any, name: str) -> dict[str, Any]:
     return value
 
 
-def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
+def _opt_str(obj: Mapping[str, Any], key: str, where: str = "") -> str | None:
     value = obj.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _MaxmaError(2, f"{key} must be a string")
+        raise _MaxmaError(2, f"{_path(where, key)} must be a string")
     return value or None
 
 
-def _opt_card(obj: Mapping[str, Any], key: str = "card") -> str | None:
+def _required_str(obj: Mapping[str, Any], key: str, where: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _MaxmaError(2, f"{_path(where, key)} is required (a non-empty string)")
+    return value
+
+
+def _opt_card(obj: Mapping[str, Any], key: str = "card", where: str = "") -> str | None:
     value = obj.get(key)
     if value is None:
         return None
@@ -323,7 +446,7 @@ def _opt_card(obj: Mapping[str, Any], key: str = "card") -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise _MaxmaError(2, f"{key} must be a string")
+        raise _MaxmaError(2, f"{_path(where, key)} must be a string")
     return value.strip() or None
 
 
@@ -333,65 +456,89 @@ def _check_phone(phone: str) -> str:
     return phone
 
 
-def _normalize_birthdate(value: str) -> str:
+def _normalize_birthdate(value: str, where: str) -> str:
     # Replies carry RFC 3339 date-times (the PHP SDK parses "Y-m-d\TH:i:sP").
     try:
         if len(value) == 10:
             return f"{date.fromisoformat(value).isoformat()}T00:00:00+00:00"
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise _MaxmaError(2, "birthdate must be YYYY-MM-DD or an ISO 8601 date-time") from None
+        raise _MaxmaError(2, f"{where} must be YYYY-MM-DD or an ISO 8601 date-time") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.isoformat(timespec="seconds")
 
 
-def _parse_client_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _parse_client_fields(raw: Mapping[str, Any], where: str = "client") -> dict[str, Any]:
     """Validate the Maxma ``client`` object; return attribute name -> value for keys present."""
     out: dict[str, Any] = {}
     for key, attr in _CLIENT_FIELDS.items():
         if key not in raw:
             continue
         value = raw[key]
+        at = _path(where, key)
         if key == "card":
-            out[attr] = _opt_card(raw)
+            out[attr] = _opt_card(raw, where=where)
         elif key == "gender":
             if value is None:
                 value = 0
             if isinstance(value, bool) or value not in (0, 1, 2):
-                raise _MaxmaError(2, "gender must be 0, 1 or 2")
+                raise _MaxmaError(2, f"{at} must be 0, 1 or 2")
             out[attr] = value
         elif key == "level":
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise _MaxmaError(2, "level must be a positive integer")
+                raise _MaxmaError(2, f"{at} must be a positive integer")
             out[attr] = value
         elif key in ("isEmailSubscribed", "isPhoneSubscribed"):
             if value is None:
                 continue
             if not isinstance(value, bool):
-                raise _MaxmaError(2, f"{key} must be a boolean")
+                raise _MaxmaError(2, f"{at} must be a boolean")
             out[attr] = value
         elif key == "extraFields":
-            out[attr] = dict(_as_object(value, key)) if value is not None else {}
+            out[attr] = dict(_as_object(value, at)) if value is not None else {}
         elif key == "birthdate":
-            text = _opt_str(raw, key)
-            out[attr] = _normalize_birthdate(text) if text else None
+            text = _opt_str(raw, key, where)
+            out[attr] = _normalize_birthdate(text, at) if text else None
         else:
-            out[attr] = _opt_str(raw, key)
+            out[attr] = _opt_str(raw, key, where)
     return out
 
 
+def _shop(value: Any, where: str) -> dict[str, Any]:
+    """The ``{code, name}`` shop object; whether the account has that shop is the caller's check."""
+    shop = _as_object(value, where)
+    _required_str(shop, "code", where)
+    _required_str(shop, "name", where)
+    return shop
+
+
 def _to_decimal(value: Any, name: str) -> Decimal:
+    """A number >= 0: a JSON number or a plain decimal string such as ``"1500.50"``."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _MaxmaError(2, f"{name} must be a number")
+    if isinstance(value, str) and not _DECIMAL_TEXT_RE.fullmatch(value):
+        raise _MaxmaError(2, f"{name} must be a number (a decimal string holds only digits and a point)")
     try:
         number = Decimal(str(value))
     except InvalidOperation:
         raise _MaxmaError(2, f"{name} must be a number") from None
     if not number.is_finite() or number < 0:
         raise _MaxmaError(2, f"{name} must be a non-negative number")
+    return number
+
+
+def _to_money(value: Any, name: str) -> Decimal:
+    """A price: a number >= 0 with at most 2 decimal places."""
+    number = _to_decimal(value, name)
+    try:
+        exact = number == number.quantize(_MONEY_PLACES)
+    except InvalidOperation:  # more digits than the decimal context holds
+        exact = False
+    if not exact:
+        raise _MaxmaError(2, f"{name} must have at most 2 decimal places")
     return number
 
 
@@ -404,12 +551,62 @@ def _bonus_request(value: Any, name: str) -> int | Literal["auto"] | None:
 
 
 def _order_id(body: Mapping[str, Any]) -> str:
-    value = body.get("orderId")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str) or not value:
-        raise _MaxmaError(2, "orderId is required")
+    value = _required_str(body, "orderId", "")
+    if len(value) > _ORDER_ID_MAX:
+        raise _MaxmaError(2, f"orderId must be at most {_ORDER_ID_MAX} characters")
     return value
+
+
+def _executed_at(obj: Mapping[str, Any], where: str = "") -> str | None:
+    """The optional ``executedAt``: an RFC 3339 date-time with an offset, returned as sent."""
+    value = obj.get("executedAt")
+    if value is None:
+        return None
+    if isinstance(value, str) and _RFC3339_RE.fullmatch(value):
+        try:
+            datetime.fromisoformat(value.upper())
+        except ValueError:  # e.g. month 13
+            pass
+        else:
+            return value
+    raise _MaxmaError(
+        2,
+        f"{_path(where, 'executedAt')} must be an RFC 3339 date-time with an offset,"
+        " e.g. 2024-05-01T10:00:00+03:00",
+    )
+
+
+def _parse_rows(value: Any, where: str) -> tuple[list[dict[str, Any]], list[Decimal]]:
+    """Validate the order rows; return them and each row's sum (blackPrice * qty)."""
+    if value is None or value == []:
+        raise _MaxmaError(18)
+    if not isinstance(value, list):
+        raise _MaxmaError(2, f"{where} must be an array")
+    rows: list[dict[str, Any]] = []
+    sums: list[Decimal] = []
+    seen_ids: set[str] = set()
+    for i, raw_row in enumerate(value):
+        at = _path(where, i)
+        row = _as_object(raw_row, at)
+        rows.append(row)
+        product = _as_object(row.get("product"), f"{at}.product")
+        _required_str(product, "sku", f"{at}.product")
+        _required_str(product, "title", f"{at}.product")
+        price = _to_money(product.get("blackPrice"), f"{at}.product.blackPrice")
+        if product.get("redPrice") is not None:
+            _to_money(product["redPrice"], f"{at}.product.redPrice")
+        qty = _to_decimal(row.get("qty"), f"{at}.qty")
+        if qty == 0:
+            raise _MaxmaError(2, f"{at}.qty must be positive")
+        row_id = row.get("id")
+        if row_id is not None:
+            if not isinstance(row_id, str):
+                raise _MaxmaError(2, f"{at}.id must be a string")
+            if row_id in seen_ids:
+                raise _MaxmaError(2, f"{at}.id repeats an earlier row's id; row ids are unique in an order")
+            seen_ids.add(row_id)
+        sums.append(price * qty)
+    return rows, sums
 
 
 def _money(value: Decimal) -> float:
@@ -442,8 +639,31 @@ def _split(amount: int, weights: list[Decimal]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _shop_code(code: str) -> str:
+    if not isinstance(code, str) or (problem := _string_problem(code)):
+        raise ValueError(f"a shop code must be clean, non-empty text: {code!a} {problem or 'is not text'}")
+    return code
+
+
+class ShopSpec(BaseModel):
+    """Body of ``POST /_sandbox/shops``: a shop code the account gets to know."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+
+    @field_validator("code")
+    @classmethod
+    def _clean_code(cls, code: str) -> str:
+        return _shop_code(code)
+
+
 class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
-    """In-memory Maxma: clients, orders, recorded requests and injected faults.
+    """In-memory Maxma: shops, clients, orders, recorded requests and injected faults.
+
+    ``shops`` are the shop codes the account has (default :data:`DEFAULT_SHOPS`); a request naming
+    another shop answers 5. They are the account's configuration, so :meth:`reset` keeps them, those
+    added later by :meth:`add_shop` included.
 
     Usable directly in tests (``sandbox.clients``, ``sandbox.add_fault(...)``,
     ``await sandbox.wait_for_requests(...)``) and over HTTP via :func:`create_maxma_app`.
@@ -451,8 +671,11 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
 
     fault_spec = FaultSpec
 
-    def __init__(self) -> None:
+    def __init__(self, shops: Iterable[str] | None = None) -> None:
         super().__init__()
+        if isinstance(shops, str):
+            raise TypeError("shops is a collection of shop codes, not one code")
+        self.shops: set[str] = {_shop_code(c) for c in (DEFAULT_SHOPS if shops is None else shops)}
         self.clients: dict[int, SandboxClient] = {}
         self.orders: dict[str, SandboxOrder] = {}
         self._reset_indexes()
@@ -468,12 +691,21 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
     # ---- control ---------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget clients, orders, recorded requests, faults and latency; restart counters."""
+        """Forget clients, orders, recorded requests, faults and latency; restart counters. Shops stay."""
         with self.lock:
             self.clients.clear()
             self.orders.clear()
             self._reset_indexes()
             super().reset()
+
+    def add_shop(self, code: str) -> None:
+        """Give the account one more shop (adding a known code again changes nothing)."""
+        with self.lock:
+            self.shops.add(_shop_code(code))
+
+    def _known_shop(self, shop: Mapping[str, Any], where: str) -> None:
+        if shop["code"] not in self.shops:
+            raise _MaxmaError(5, f"{where}.code: the account has no shop with this code")
 
     def find_client(
         self,
@@ -544,11 +776,11 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
             if other is not None and other is not owner:
                 raise _MaxmaError(code)
 
-    def _find(self, ident: Mapping[str, Any]) -> SandboxClient:
+    def _find(self, ident: Mapping[str, Any], where: str = "") -> SandboxClient:
         """Find a client by phoneNumber | card | externalId (first one given wins)."""
-        phone = _opt_str(ident, "phoneNumber")
-        card = _opt_card(ident)
-        external_id = _opt_str(ident, "externalId")
+        phone = _opt_str(ident, "phoneNumber", where)
+        card = _opt_card(ident, where=where)
+        external_id = _opt_str(ident, "externalId", where)
         if phone is not None:
             found = self._by_phone.get(_check_phone(phone))
         elif card is not None:
@@ -556,7 +788,9 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
         elif external_id is not None:
             found = self._by_external_id.get(external_id)
         else:
-            raise _MaxmaError(2, "identify the client by phoneNumber, card or externalId")
+            raise _MaxmaError(
+                2, f"identify the client{f' in {where}' if where else ''} by phoneNumber, card or externalId"
+            )
         if found is None:
             raise _MaxmaError(3)
         return found
@@ -569,11 +803,13 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
         fields = _parse_client_fields(_as_object(body.get("client"), "client"))
         shop = body.get("shop")
         if shop is not None:
-            _as_object(shop, "shop")
+            shop = _shop(shop, "shop")
         phone = fields.get("phone_number")
         if not phone:
             raise _MaxmaError(29)
         _check_phone(phone)
+        if shop is not None:
+            self._known_shop(shop, "shop")
         self._check_unique(fields, owner=None)
         # Validation is over: from here on the request succeeds, so the side effect is safe.
         if not fields.get("card"):
@@ -586,12 +822,13 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
         return self._balance_reply(client)
 
     def _op_update_client(self, body: dict[str, Any]) -> dict[str, Any]:
-        client = self._find(body)
+        # The client is named at the top level; "client" holds the new values (may be empty: no change).
         fields = _parse_client_fields(_as_object(body.get("client"), "client"))
         if "phone_number" in fields:
             if not fields["phone_number"]:
                 raise _MaxmaError(29)
             _check_phone(fields["phone_number"])
+        client = self._find(body)
         if "card" in fields and not fields["card"]:
             fields.pop("card")  # a client always keeps a card; unbinding is not modelled
         self._check_unique(fields, owner=client)
@@ -611,36 +848,23 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
     # ---- orders ----------------------------------------------------------------------------
 
     def _op_set_order(self, body: dict[str, Any]) -> dict[str, Any]:
+        # Shape first (2, 18), then what the account knows (5 shop, 3 client, 32 order).
         order_id = _order_id(body)
         query = _as_object(body.get("calculationQuery"), "calculationQuery")
-        shop = _as_object(query.get("shop"), "calculationQuery.shop")
-        if not _opt_str(shop, "code"):
-            raise _MaxmaError(2, "calculationQuery.shop.code is required")
+        shop = _shop(query.get("shop"), "calculationQuery.shop")
+        executed_at = _executed_at(query, "calculationQuery")
+        rows, sums = _parse_rows(query.get("rows"), "calculationQuery.rows")
+        apply_req = _bonus_request(query.get("applyBonuses"), "calculationQuery.applyBonuses")
+        collect_req = _bonus_request(query.get("collectBonuses"), "calculationQuery.collectBonuses")
+        self._known_shop(shop, "calculationQuery.shop")
         client = None
         if query.get("client") is not None:
-            client = self._find(_as_object(query["client"], "calculationQuery.client"))
-        rows = query.get("rows")
-        if rows is None or rows == []:
-            raise _MaxmaError(18)
-        if not isinstance(rows, list):
-            raise _MaxmaError(2, "calculationQuery.rows must be an array")
-        sums: list[Decimal] = []
-        for i, raw_row in enumerate(rows):
-            row = _as_object(raw_row, f"rows[{i}]")
-            product = _as_object(row.get("product"), f"rows[{i}].product")
-            if not _opt_str(product, "sku"):
-                raise _MaxmaError(2, f"rows[{i}].product.sku is required")
-            price = _to_decimal(product.get("blackPrice"), f"rows[{i}].product.blackPrice")
-            qty = _to_decimal(row.get("qty"), f"rows[{i}].qty")
-            if qty == 0:
-                raise _MaxmaError(2, f"rows[{i}].qty must be positive")
-            sums.append(price * qty)
-        apply_req = _bonus_request(query.get("applyBonuses"), "applyBonuses")
-        collect_req = _bonus_request(query.get("collectBonuses"), "collectBonuses")
+            where = "calculationQuery.client"
+            client = self._find(_as_object(query["client"], where), where)
 
         existing = self.orders.get(order_id)
         if existing is not None and existing.status != "new":
-            raise _MaxmaError(32)
+            raise _MaxmaError(32, f"the order is already {existing.status}")
         total = sum(sums, Decimal(0))
         # A repeated set-order replaces the order, so its old reservation must not count.
         previous_reservation = existing.applied_bonuses if existing and existing.client_id else 0
@@ -674,6 +898,7 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
             total=total,
             applied_bonuses=applied,
             collected_bonuses=collected,
+            executed_at=executed_at,
         )
         if existing is not None:
             order.created_at = existing.created_at
@@ -706,13 +931,14 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
             reply["clientBonuses"] = client.client_bonuses()
         return reply
 
-    def _order_for_update(self, body: dict[str, Any]) -> SandboxOrder:
-        order = self.orders.get(_order_id(body))
+    def _order_for_update(self, body: dict[str, Any]) -> tuple[SandboxOrder, str | None]:
+        """The order named by ``orderId`` (31 if none) and the optional ``executedAt``."""
+        order_id = _order_id(body)
+        executed_at = _executed_at(body)
+        order = self.orders.get(order_id)
         if order is None:
             raise _MaxmaError(31)
-        if order.status != "new":
-            raise _MaxmaError(32)
-        return order
+        return order, executed_at
 
     def _order_reply(self, order: SandboxOrder, applied: int, collected: int) -> dict[str, Any]:
         client = self.clients.get(order.client_id) if order.client_id is not None else None
@@ -728,22 +954,34 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
         }
 
     def _op_confirm_order(self, body: dict[str, Any]) -> dict[str, Any]:
-        order = self._order_for_update(body)
+        order, executed_at = self._order_for_update(body)
+        if order.status != "new":
+            raise _MaxmaError(32, f"the order is already {order.status}")
         client = self.clients.get(order.client_id) if order.client_id is not None else None
         if client is not None:
             client.reserved_bonuses -= order.applied_bonuses
             client.bonuses -= order.applied_bonuses
             client.pending_bonuses += order.collected_bonuses
         order.status = "confirmed"
+        order.confirmations += 1
+        order.confirmed_at = executed_at
         order.updated_at = time.time()
         return self._order_reply(order, order.applied_bonuses, order.collected_bonuses)
 
     def _op_cancel_order(self, body: dict[str, Any]) -> dict[str, Any]:
-        order = self._order_for_update(body)
+        order, executed_at = self._order_for_update(body)
+        if order.status == "cancelled":
+            raise _MaxmaError(32, "the order is already cancelled")
         client = self.clients.get(order.client_id) if order.client_id is not None else None
         if client is not None:
-            client.reserved_bonuses -= order.applied_bonuses
+            if order.status == "new":
+                client.reserved_bonuses -= order.applied_bonuses
+            else:  # confirmed: a refund takes back what the confirmation did
+                client.pending_bonuses -= order.collected_bonuses
+                client.bonuses += order.applied_bonuses
         order.status = "cancelled"
+        order.cancellations += 1
+        order.cancelled_at = executed_at
         order.updated_at = time.time()
         return self._order_reply(order, 0, 0)
 
@@ -761,11 +999,14 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
         """Execute one Maxma method on the state, as if it arrived with a valid key.
 
         Returns the reply body: a success object or ``{"errorCode", "description", "hint"?}``.
-        Either the whole operation applies or, on an error, nothing changes.
+        Either the whole operation applies or, on an error, nothing changes. Every string in the
+        body is checked (see the module docstring) before the method looks at anything.
         """
         with self.lock:
             try:
-                return self._operation(path)(_as_object(body, "request body"))
+                request = _as_object(body, "request body")
+                _check_strings(request)
+                return self._operation(path)(request)
             except _MaxmaError as exc:
                 return exc.body()
 
@@ -775,12 +1016,31 @@ class MaxmaSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
 # --------------------------------------------------------------------------------------------
 
 
-def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbox | None = None) -> FastAPI:
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8 without a byte order mark, no NaN or Infinity; ValueError otherwise."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def create_maxma_app(
+    processing_keys: set[str] | None = None,
+    state: MaxmaSandbox | None = None,
+    shops: Iterable[str] | None = None,
+) -> FastAPI:
     """Build the sandbox app; ``processing_keys=None`` accepts any non-empty key.
 
-    The state is reachable as ``app.state.sandbox``.
+    ``shops`` are the account's shop codes for the state this builds (default :data:`DEFAULT_SHOPS`);
+    a ``state`` passed in brings its own. The state is reachable as ``app.state.sandbox``.
     """
-    sandbox = state if state is not None else MaxmaSandbox()
+    if state is not None and shops is not None:
+        raise ValueError("give the shops to the MaxmaSandbox passed as state")
+    sandbox = state if state is not None else MaxmaSandbox(shops)
     keys = frozenset(processing_keys) if processing_keys is not None else None
     app = FastAPI(title="Maxma sandbox", version="1")
     app.state.sandbox = sandbox
@@ -790,9 +1050,9 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
         raw = await request.body()
         key = request.headers.get(_KEY_HEADER)
         try:
-            body: Any = json.loads(raw)
+            body: Any = _parse_json(raw)
             malformed = False
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError included
             body, malformed = None, True
         rec = RecordedRequest(
             method=request.method,
@@ -838,8 +1098,21 @@ def create_maxma_app(processing_keys: set[str] | None = None, state: MaxmaSandbo
 
     @app.get("/_sandbox/orders", tags=["sandbox"])
     async def list_orders() -> JSONResponse:
-        """All orders in creation order."""
+        """All orders in creation order, with how often each was confirmed and cancelled."""
         with sandbox.lock:
             return JSONResponse([o.to_dict() for o in sandbox.orders.values()])
+
+    @app.get("/_sandbox/shops", tags=["sandbox"])
+    async def list_shops() -> JSONResponse:
+        """The account's shop codes, sorted."""
+        with sandbox.lock:
+            return JSONResponse(sorted(sandbox.shops))
+
+    @app.post("/_sandbox/shops", status_code=201, tags=["sandbox"])
+    async def add_shop(spec: ShopSpec) -> JSONResponse:
+        """Give the account one more shop; answers the shop and every code now known (422 if invalid)."""
+        sandbox.add_shop(spec.code)
+        with sandbox.lock:
+            return JSONResponse({"code": spec.code, "shops": sorted(sandbox.shops)}, status_code=201)
 
     return app

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from prometheus_client import REGISTRY
 
 from services.common.config import KafkaSettings, Settings
 from services.common.delivery.runtime import DeliveryRuntime, Job
@@ -233,3 +234,49 @@ async def test_a_delivery_of_two_steps_resumes_at_the_unfinished_one_after_a_cra
     assert second.attached == [("s0", "contact-s0")]  # the second step got the first step's result
     assert entity is not None
     assert entity.target_id == "contact-s0"
+
+
+async def test_a_failure_every_call_shares_opens_the_circuit_at_once(
+    kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    # A refused key (Maxma 22, 401) or an unknown shop (5): one dead letter says so, the rest wait parked.
+    async with running(kafka, tmp_path, circuit_failures=5, circuit_open_s=30.0) as r:
+        r.target.fail(
+            "K", Outcome.permanent("bad key", http_status=401, hint="check the key", opens_circuit=True)
+        )
+        await publish_events(r.bootstrap, client_event("k0", "K", None))
+        flt = DlqFilter(targets=(NAME,))
+
+        async def dead() -> bool:
+            return len(await read_dlq(r.bootstrap, [NAME], flt)) == 1
+
+        await eventually(dead, what="the dead letter")
+        await publish_events(r.bootstrap, client_event("k1", "L", None))
+        (letter,) = await read_dlq(r.bootstrap, [NAME], flt)
+        assert (letter.event_id, letter.hint, letter.opened_circuit) == ("k0", "check the key", True)
+
+        async def parked() -> bool:
+            return await r.ledger.parked_count(NAME) == 1
+
+        await eventually(parked, what="the next event parked behind the open circuit")
+        assert _ids(r.target.calls) == ["k0"]  # one failure was enough: k1 was never sent
+        assert REGISTRY.get_sample_value("relay_circuits_open", {"target": NAME}) == 1
+
+
+async def test_a_skip_is_counted_and_settled(kafka: KafkaSettings, tmp_path: Path) -> None:
+    before = REGISTRY.get_sample_value(
+        "relay_delivery_skips_total", {"target": NAME, "action": ACTION, "reason": "nothing_to_do"}
+    )
+    async with running(kafka, tmp_path) as r:
+        r.target.fail("S", Outcome.skip("nothing_to_do", "no order to cancel"))
+        await publish_events(r.bootstrap, client_event("s0", "S", None))
+
+        async def settled() -> bool:
+            return await r.status("s0") == "delivered"
+
+        await eventually(settled, what="the skip settled")
+        after = REGISTRY.get_sample_value(
+            "relay_delivery_skips_total", {"target": NAME, "action": ACTION, "reason": "nothing_to_do"}
+        )
+        assert (after or 0) - (before or 0) == 1
+        assert await read_dlq(r.bootstrap, [NAME], DlqFilter(targets=(NAME,))) == []

@@ -113,9 +113,9 @@ def test_config_check_types_each_connection_with_its_targets_model(tmp_path: Pat
 
 
 def test_config_check_refuses_a_connection_to_a_target_with_no_service(tmp_path: Path) -> None:
-    cpahouse = "      - target: cpahouse\n        events:\n          client-created: lead\n"
+    weeek = "      - target: weeek\n        events:\n          client-created: contact\n"
     result = CliRunner().invoke(
-        app, ["config", "check"], env={"RELAY_CONFIG": str(_config(tmp_path, cpahouse)), "COLUMNS": "300"}
+        app, ["config", "check"], env={"RELAY_CONFIG": str(_config(tmp_path, weeek)), "COLUMNS": "300"}
     )
     assert result.exit_code == 2
-    assert "'cpahouse' has no delivery service yet" in result.output
+    assert "'weeek' has no delivery service yet" in result.output

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from services.common.embedded import EmbeddedBroker
+from services.common.events import Appointment, Client, CloudEvent, EventData, EventName, source_uri
 from services.common.failpoints import EXIT_CODE
 from services.common.kafka import EVENTS
 from services.common.ledger import DeliveryStatus, idempotency_key
@@ -64,3 +67,59 @@ async def test_killed_before_commit_creates_the_client_once(
 
 async def _committed_one(bootstrap: str) -> bool:
     return sum((await committed(bootstrap, "relay-maxma", EVENTS)).values()) == 1
+
+
+def _paid_visit(event_id: str, client_id: str, phone: str, visit: str) -> CloudEvent:
+    now = datetime.now(UTC)
+    return CloudEvent(
+        id=event_id, source=source_uri("salon"), type=EventName.VISIT_PAID.ce_type, time=now, relayreceivedat=now,
+        data=EventData(client=Client(id=client_id, phone=phone),
+                       appointment=Appointment(id=visit, total_cost=Decimal("4500.00"), services=["Окрашивание"])),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "set_orders"),
+    [
+        # Killed after set-order was answered, before the step was kept: set-order is sent again (Maxma
+        # replaces an order not yet confirmed), then the confirm.
+        ("maxma.step.set-order.sent", 2),
+        # Killed after the step was kept, before the confirm: the restart goes straight to the confirm.
+        ("maxma.step.set-order.kept", 1),
+    ],
+)
+async def test_killed_between_set_order_and_confirm_confirms_the_order_once(
+    broker: EmbeddedBroker, kafka: object, tmp_path: Path, failpoint: str, set_orders: int
+) -> None:
+    async with maxma_target(tmp_path) as target:
+        sandbox = target.sandbox
+        sandbox.run_operation(
+            "/new-client", {"client": {"phoneNumber": "+79035550011", "externalId": "7701"}}
+        )
+        roles = Roles(role_env(target.config, broker.bootstrap_servers, target.db_url), tmp_path)
+        try:
+            roles.start("maxma", "maxma", env={"RELAY_FAILPOINTS": f'["{failpoint}"]'})
+            await roles.ready("maxma")
+            await publish_events(
+                broker.bootstrap_servers, _paid_visit("evt-paid", "7701", "+79035550011", "8801")
+            )
+
+            assert await roles.wait_exit("maxma") == EXIT_CODE, roles.log("maxma")[-2000:]
+            assert sandbox.orders["salon:8801"].status == "new"  # set, not confirmed
+
+            roles.start("maxma", "maxma")
+            await roles.ready("maxma")
+            await eventually(
+                lambda: _committed_one(broker.bootstrap_servers), timeout=30, what="the visit committed"
+            )
+            await asyncio.sleep(0.5)
+            order = sandbox.orders["salon:8801"].to_dict()
+            assert order["status"] == "confirmed"
+            assert order["confirmations"] == 1
+            paths = [r.path for r in sandbox.requests if r.path != "/new-client"]
+            assert paths == ["/v2/set-order"] * set_orders + ["/confirm-order"]
+            d = await target.ledger.get(idempotency_key("maxma", "maxma", "set-order", "evt-paid"))
+            assert d is not None
+            assert d.status is DeliveryStatus.DELIVERED
+        finally:
+            roles.stop_all()

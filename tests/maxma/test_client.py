@@ -333,3 +333,39 @@ def test_error_code_sent_as_a_string_is_read_as_the_number(code: str, kind: Outc
     out = classify(200, httpx.Headers(), json.dumps({"errorCode": code, "description": "x"}).encode())
     assert out.kind is kind
     assert out.vendor_code == code
+
+
+# Every code of targets.md's table, with its class: (kind, opens the connection's circuit, throttle).
+CODE_TABLE: dict[int, tuple[OutcomeKind, bool, bool]] = {
+    1: (OutcomeKind.RETRYABLE, False, False),
+    49: (OutcomeKind.RETRYABLE, False, False),
+    28: (OutcomeKind.RETRYABLE, False, True),
+    **dict.fromkeys((2, 18, 20, 29), (OutcomeKind.PERMANENT, False, False)),
+    3: (OutcomeKind.PERMANENT, False, False),
+    **dict.fromkeys((4, 5, 22, 23), (OutcomeKind.PERMANENT, True, False)),
+    **dict.fromkeys((24, 30, 17, 32), (OutcomeKind.SUCCESS, False, False)),
+    **dict.fromkeys((25, 48, 31, 21), (OutcomeKind.PERMANENT, False, False)),
+    **dict.fromkeys((6, 7, 10, 11, 13, 33, 34, 35, 36, 37, 40, 41, 42, 43, 44, 45, 46, 47),
+                    (OutcomeKind.PERMANENT, False, False)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("code", "expected"), sorted(CODE_TABLE.items()))
+def test_every_documented_code_has_its_class(code: int, expected: tuple[OutcomeKind, bool, bool]) -> None:
+    o = answer(200, {"errorCode": code, "description": "Ошибка", "hint": "Проверьте настройки"})
+    assert (o.kind, o.opens_circuit, o.throttle) == expected
+    assert o.vendor_code == str(code)
+    if o.kind is not OutcomeKind.SUCCESS:
+        assert o.hint == "Проверьте настройки"  # kept for the dead letter's headers
+
+
+def test_a_broken_connection_without_a_hint_gets_ours() -> None:
+    o = answer(200, {"errorCode": 5, "description": "Магазин не найден"})
+    assert o.opens_circuit
+    assert o.hint is not None
+    assert "shop_code" in o.hint
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_credentials_open_the_circuit(status: int) -> None:
+    assert answer(status, {"errorCode": 22, "description": "x"}).opens_circuit

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
-from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
+from services.sandbox.maxma import DEFAULT_SHOPS, MaxmaSandbox, create_maxma_app
+from tests.support import serve_app
 
 KEY = "test-processing-key"
 PHONE = "+79998887766"
@@ -31,7 +32,8 @@ class Env:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if key is not None:
             headers["X-Processing-Key"] = key
-        return await self.http.post(f"/{method}", json=body, headers=headers)
+        # json.dumps escapes non-ASCII, so a lone surrogate travels as "\\ud800", as a client can send it.
+        return await self.http.post(f"/{method}", content=json.dumps(body), headers=headers)
 
     async def new_client(self, **client: Any) -> httpx.Response:
         return await self.call("new-client", {"client": {"phoneNumber": PHONE, **client}})
@@ -47,13 +49,20 @@ class Env:
         return r.json()
 
 
-@pytest.fixture
-async def env(app_server: Callable[[Any], AbstractAsyncContextManager[str]]) -> AsyncIterator[Env]:
+@pytest.fixture(scope="module")
+async def served() -> AsyncIterator[tuple[MaxmaSandbox, str]]:
+    """One server for the module: starting uvicorn for each test would take most of the file's time."""
     sandbox = MaxmaSandbox()
-    async with (
-        app_server(create_maxma_app({KEY}, sandbox)) as base_url,
-        httpx.AsyncClient(base_url=base_url, timeout=10) as http,
-    ):
+    async with serve_app(create_maxma_app({KEY}, sandbox)) as base_url:
+        yield sandbox, base_url
+
+
+@pytest.fixture
+async def env(served: tuple[MaxmaSandbox, str]) -> AsyncIterator[Env]:
+    sandbox, base_url = served
+    sandbox.reset()
+    sandbox.shops = set(DEFAULT_SHOPS)  # reset keeps shops (the account's setup); a test may have added one
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
         yield Env(sandbox, base_url, http)
 
 
@@ -183,7 +192,8 @@ async def test_invalid_phone_is_20(env: Env, phone: str) -> None:
     assert env.sandbox.clients == {}
 
 
-@pytest.mark.parametrize("client", [{}, {"phoneNumber": ""}, {"email": "a@example.com"}])
+# An empty phone is no phone, but as "" it is an unclean string (2, tested below); null is the way.
+@pytest.mark.parametrize("client", [{}, {"phoneNumber": None}, {"email": "a@example.com"}])
 async def test_missing_phone_is_29(env: Env, client: dict[str, Any]) -> None:
     assert error_code(await env.call("new-client", {"client": client})) == 29
 
@@ -290,10 +300,10 @@ async def test_set_order_confirm_and_confirm_twice(env: Env) -> None:
 
     again = await env.call("confirm-order", {"orderId": "o-1"})
     assert error_code(again) == 32
-    assert error_code(await env.call("cancel-order", {"orderId": "o-1"})) == 32
     assert error_code(await env.call("v2/set-order", order("o-1"))) == 32
     [stored] = await env.control("orders")
     assert (stored["orderId"], stored["status"]) == ("o-1", "confirmed")
+    assert (stored["confirmations"], stored["cancellations"]) == (1, 0)  # the repeat did not count
 
 
 async def test_cancel_order_releases_reservation(env: Env) -> None:
@@ -304,7 +314,10 @@ async def test_cancel_order_releases_reservation(env: Env) -> None:
     assert error_code(cancelled) is None
     assert cancelled.json()["clientBonuses"] == {"available": 300, "pending": 0, "reserved": 0}
     assert error_code(await env.call("confirm-order", {"orderId": "o-2"})) == 32
-    assert env.sandbox.orders["o-2"].status == "cancelled"
+    assert error_code(await env.call("cancel-order", {"orderId": "o-2"})) == 32
+    assert error_code(await env.call("v2/set-order", order("o-2"))) == 32
+    [stored] = await env.control("orders")
+    assert (stored["status"], stored["confirmations"], stored["cancellations"]) == ("cancelled", 0, 1)
 
 
 async def test_order_errors(env: Env) -> None:
@@ -315,6 +328,412 @@ async def test_order_errors(env: Env) -> None:
     assert error_code(await env.call("v2/set-order", order("o-3", rows=[]))) == 18
     assert error_code(await env.call("v2/set-order", {"calculationQuery": {}})) == 2
     assert env.sandbox.orders == {}
+
+
+# ---- shops -------------------------------------------------------------------------------------
+
+
+def hint(r: httpx.Response) -> str:
+    return str(r.json().get("hint") or "")
+
+
+@pytest.mark.parametrize(
+    ("shop", "field"),
+    [
+        (None, "calculationQuery.shop must be an object"),
+        ("main", "calculationQuery.shop must be an object"),
+        ({"code": "main"}, "calculationQuery.shop.name"),
+        ({"name": "Main salon"}, "calculationQuery.shop.code"),
+        ({"code": "main", "name": 5}, "calculationQuery.shop.name"),
+        ({"code": "", "name": "Main salon"}, "calculationQuery.shop.code"),
+    ],
+)
+async def test_set_order_needs_a_shop_with_code_and_name(env: Env, shop: Any, field: str) -> None:
+    await env.new_client()
+    r = await env.call("v2/set-order", order("o-1", shop=shop))
+    assert (error_code(r), field in hint(r)) == (2, True), r.json()
+    assert env.sandbox.orders == {}
+
+
+async def test_unknown_shop_is_5_and_changes_nothing(env: Env) -> None:
+    await env.new_client()
+    branch = {"code": "branch-2", "name": "Филиал"}
+    r = await env.call("v2/set-order", order("o-1", shop=branch))
+    assert error_code(r) == 5
+    assert r.json()["description"] == "Магазин не найден"
+    assert "calculationQuery.shop.code" in hint(r)
+    assert env.sandbox.orders == {}
+    # new-client's shop is optional, but checked the same way when given.
+    r = await env.call("new-client", {"client": {"phoneNumber": OTHER_PHONE}, "shop": branch})
+    assert (error_code(r), "shop.code" in hint(r)) == (5, True)
+    r = await env.call("new-client", {"client": {"phoneNumber": OTHER_PHONE}, "shop": {"code": "main"}})
+    assert (error_code(r), "shop.name" in hint(r)) == (2, True)
+    assert env.sandbox.find_client(phone_number=OTHER_PHONE) is None
+
+
+async def test_shops_control_route_adds_and_reset_keeps_them(env: Env) -> None:
+    assert await env.control("shops") == ["main"]
+    r = await env.http.post("/_sandbox/shops", json={"code": "branch-2"})
+    assert (r.status_code, r.json()) == (201, {"code": "branch-2", "shops": ["branch-2", "main"]})
+    await env.new_client()
+    branch = {"code": "branch-2", "name": "Филиал"}
+    assert error_code(await env.call("v2/set-order", order("o-1", shop=branch))) is None
+    assert (await env.http.post("/_sandbox/reset")).json() == {"ok": True}
+    assert await env.control("shops") == ["branch-2", "main"]  # the account's setup, not its data
+
+
+@pytest.mark.parametrize(
+    "spec", [{}, {"code": ""}, {"code": "  "}, {"code": "a\nb"}, {"code": 5}, {"code": "x", "name": "y"}]
+)
+async def test_invalid_shop_spec_is_422(env: Env, spec: dict[str, Any]) -> None:
+    assert (await env.http.post("/_sandbox/shops", json=spec)).status_code == 422
+    assert env.sandbox.shops == {"main"}
+
+
+def test_shops_are_the_sandboxs_configuration() -> None:
+    assert MaxmaSandbox().shops == {"main"}
+    assert MaxmaSandbox(shops=["a", "b"]).shops == {"a", "b"}
+    assert create_maxma_app(shops=("x",)).state.sandbox.shops == {"x"}
+    with pytest.raises(ValueError, match="state"):
+        create_maxma_app(state=MaxmaSandbox(), shops=["x"])
+    with pytest.raises(TypeError):
+        MaxmaSandbox(shops="main")
+    with pytest.raises(ValueError, match="shop code"):
+        MaxmaSandbox(shops=[" "])
+
+
+async def test_an_account_with_its_own_shops(app_server: Any) -> None:
+    app = create_maxma_app({KEY}, shops=["salon-1"])
+    async with app_server(app) as url, httpx.AsyncClient(base_url=url) as http:
+        env = Env(app.state.sandbox, url, http)
+        await env.new_client()
+        own = order("o-1", shop={"code": "salon-1", "name": "Салон"})
+        assert error_code(await env.call("v2/set-order", own)) is None
+        assert error_code(await env.call("v2/set-order", order("o-2"))) == 5  # "main" is not this account's
+
+
+def test_cli_shop_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from services.cli import roles
+
+    served: list[set[str]] = []
+    monkeypatch.setattr(roles, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(roles, "serve", lambda app, *a, **k: served.append(app.state.sandbox.shops))
+    runner = CliRunner()
+    assert runner.invoke(roles.sandbox_app, ["maxma", "--shop", "a", "--shop", "b"]).exit_code == 0
+    assert runner.invoke(roles.sandbox_app, ["maxma"]).exit_code == 0
+    assert served == [{"a", "b"}, {"main"}]
+    bad = runner.invoke(roles.sandbox_app, ["maxma", "--shop", " "])
+    assert bad.exit_code == 2
+    assert len(served) == 2
+
+
+# ---- clean strings -----------------------------------------------------------------------------
+
+UNCLEAN = [
+    pytest.param("", id="empty"),
+    pytest.param("   ", id="blank"),
+    pytest.param("\u00a0", id="nbsp-only"),
+    pytest.param("Анна\x00", id="nul"),
+    pytest.param("Анна\nИванова", id="newline"),
+    pytest.param("Анна\t", id="tab"),
+    pytest.param("Анна\x7f", id="del"),
+    pytest.param("Ан\u200bна", id="zero-width-space"),
+    pytest.param("\ufeffАнна", id="bom"),
+    pytest.param("Анна\u202e", id="bidi-override"),
+    pytest.param("Ан\u00adна", id="soft-hyphen"),
+    pytest.param("Ан\ufffdна", id="replacement-char"),
+    pytest.param("Анна\ud800", id="lone-surrogate"),
+    pytest.param("\udc80", id="lone-low-surrogate"),
+    pytest.param("{{client.name}}", id="placeholder"),
+    pytest.param("Здравствуйте, {{ name }}!", id="placeholder-inside"),
+]
+
+
+@pytest.mark.parametrize("text", UNCLEAN)
+async def test_unclean_string_is_2_naming_its_path(env: Env, text: str) -> None:
+    r = await env.new_client(fullName=text)
+    assert error_code(r) == 2
+    assert hint(r).startswith("client.fullName "), hint(r)
+    assert env.sandbox.clients == {}
+
+
+def _order_with_title(title: str) -> dict[str, Any]:
+    body = order("o-1")
+    body["calculationQuery"]["rows"][1]["product"]["title"] = title
+    return body
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "path"),
+    [
+        (
+            "new-client",
+            {"client": {"phoneNumber": PHONE, "extraFields": {"note": "a\x00"}}},
+            "client.extraFields.note",
+        ),
+        (
+            "new-client",
+            {"client": {"phoneNumber": PHONE, "extraFields": {"bad\u200bkey": "v"}}},
+            "the key 'bad\\u200bkey' in client.extraFields",
+        ),
+        ("new-client", {"client": {"phoneNumber\ud800": PHONE}}, "the key 'phoneNumber\\ud800' in client"),
+        (
+            "new-client",
+            {"client": {"phoneNumber": PHONE}, "shop": {"code": "main", "name": "{{shop}}"}},
+            "shop.name",
+        ),
+        ("update-client", {"externalId": "", "client": {}}, "externalId"),
+        ("update-client", {"externalId": "ext-1", "client": {"name": "Аня", "email": ""}}, "client.email"),
+        ("get-balance", {"card": " "}, "card"),
+        ("v2/set-order", _order_with_title("Воск\r\n"), "calculationQuery.rows[1].product.title"),
+        (
+            "v2/set-order",
+            order("o-1", client={"externalId": "ext\u2060-1"}),
+            "calculationQuery.client.externalId",
+        ),
+        ("confirm-order", {"orderId": "o-1\u0000"}, "orderId"),
+        ("cancel-order", {"orderId": "o-1", "executedAt": ""}, "executedAt"),
+    ],
+)
+async def test_unclean_strings_anywhere_are_2_before_anything_changes(
+    env: Env, method: str, body: dict[str, Any], path: str
+) -> None:
+    await env.new_client(externalId="ext-1", email="a@example.com", name="Анна")
+    before = (await env.control("clients"), await env.control("orders"))
+    r = await env.call(method, body)
+    assert error_code(r) == 2
+    assert hint(r).startswith(path), hint(r)
+    assert (await env.control("clients"), await env.control("orders")) == before
+
+
+async def test_request_log_shows_a_lone_surrogate_escaped(env: Env) -> None:
+    await env.new_client(fullName="\ud800")
+    [rec] = await env.control("requests")  # the log still answers
+    assert rec["body"]["client"]["fullName"] == "\\ud800"
+    assert rec["error_code"] == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"client": {"phoneNumber": "+79998887766", "level": NaN}}', id="nan"),
+        pytest.param(b'{"client": {"phoneNumber": "+79998887766", "level": Infinity}}', id="infinity"),
+        pytest.param(b'\xef\xbb\xbf{"client": {"phoneNumber": "+79998887766"}}', id="bom"),
+        pytest.param(b'{"client": {"phoneNumber": "+79998887766", "name": "\xff"}}', id="invalid-utf8"),
+        pytest.param(
+            b'{"client": {"phoneNumber": "+79998887766", "name": "\xed\xa0\x80"}}', id="utf8-surrogate"
+        ),
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="nested-too-deep"),
+    ],
+)
+async def test_json_that_is_not_strict_is_2(env: Env, raw: bytes) -> None:
+    r = await env.http.post(
+        "/new-client", content=raw, headers={"X-Processing-Key": KEY, "Content-Type": "application/json"}
+    )
+    assert (r.status_code, error_code(r)) == (200, 2)
+    assert env.sandbox.clients == {}
+    [rec] = await env.control("requests")
+    assert rec["malformed"] is True
+
+
+# ---- order rows, ids and times -----------------------------------------------------------------
+
+
+def row(*, drop: tuple[str, ...] = (), **changes: Any) -> dict[str, Any]:
+    """A valid row with ``changes`` (``product_x`` sets product.x) and the keys in ``drop`` removed."""
+    out: dict[str, Any] = {"product": {"sku": "haircut", "title": "Стрижка", "blackPrice": 1500}, "qty": 1}
+    for key, value in changes.items():
+        if key.startswith("product_"):
+            out["product"][key.removeprefix("product_")] = value
+        else:
+            out[key] = value
+    for key in drop:
+        if key.startswith("product_"):
+            del out["product"][key.removeprefix("product_")]
+        else:
+            del out[key]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("rows", "path"),
+    [
+        ([row(drop=("product_sku",))], "calculationQuery.rows[0].product.sku"),
+        ([row(drop=("product_title",))], "calculationQuery.rows[0].product.title"),
+        ([row(product_title=5)], "calculationQuery.rows[0].product.title"),
+        ([row(drop=("product",))], "calculationQuery.rows[0].product"),
+        ([row(drop=("product_blackPrice",))], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(), row(product_blackPrice=-1)], "calculationQuery.rows[1].product.blackPrice"),
+        ([row(product_blackPrice=10.005)], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_blackPrice=0.1 + 0.2)], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_blackPrice="10.005")], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_blackPrice="1e3")], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_blackPrice="10,50")], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_blackPrice=True)], "calculationQuery.rows[0].product.blackPrice"),
+        ([row(product_redPrice=1.001)], "calculationQuery.rows[0].product.redPrice"),
+        ([row(qty=0)], "calculationQuery.rows[0].qty"),
+        ([row(qty=-1)], "calculationQuery.rows[0].qty"),
+        ([row(drop=("qty",))], "calculationQuery.rows[0].qty"),
+        ([row(id=7)], "calculationQuery.rows[0].id"),
+        ([row(id="a"), row(id="b"), row(id="a")], "calculationQuery.rows[2].id"),
+        ("rows", "calculationQuery.rows"),
+        ([5], "calculationQuery.rows[0]"),
+    ],
+)
+async def test_invalid_order_row_is_2(env: Env, rows: Any, path: str) -> None:
+    await env.new_client()
+    r = await env.call("v2/set-order", order("o-1", rows=rows))
+    assert error_code(r) == 2
+    assert hint(r).startswith(path), hint(r)
+    assert env.sandbox.orders == {}
+
+
+async def test_rows_as_the_sdks_model_them_are_accepted(env: Env) -> None:
+    await env.new_client()
+    rows = [
+        row(id="r1", product_blackPrice="1500.50", product_redPrice=1400),
+        row(id="r2", product_sku="wax", product_title="Воск", product_blackPrice=10.1, qty=1.5),
+        row(product_sku="gift", product_title="Подарок", product_blackPrice=0),
+    ]
+    r = await env.call("v2/set-order", order("o-1", rows=rows))
+    assert error_code(r) is None, r.json()
+    assert [x.get("id") for x in r.json()["calculationResult"]["rows"]] == ["r1", "r2", None]
+    [stored] = await env.control("orders")
+    assert stored["totalAmount"] == 1515.65
+
+
+@pytest.mark.parametrize(
+    ("order_id", "ok"), [("x" * 64, True), ("x" * 65, False), (42, False), (None, False)]
+)
+async def test_order_id_is_a_string_of_at_most_64(env: Env, order_id: Any, ok: bool) -> None:
+    await env.new_client()
+    r = await env.call("v2/set-order", {**order("o"), "orderId": order_id})
+    assert error_code(r) == (None if ok else 2)
+    if not ok:
+        assert hint(r).startswith("orderId")
+        assert error_code(await env.call("confirm-order", {"orderId": order_id})) == 2
+
+
+GOOD_TIMES = [
+    "2024-05-01T10:00:00+03:00",
+    "2024-05-01T07:00:00Z",
+    "2024-05-01T10:00:00.123456-05:30",
+    "2024-05-01t07:00:00z",
+]
+BAD_TIMES: list[Any] = [
+    "2024-05-01",
+    "2024-05-01T10:00:00",
+    "2024-05-01 10:00:00+03:00",
+    "2024-05-01T10:00:00+0300",
+    "2024-13-01T10:00:00Z",
+    "01.05.2024 10:00",
+    1714550400,
+]
+
+
+@pytest.mark.parametrize("method", ["v2/set-order", "confirm-order", "cancel-order"])
+async def test_executed_at_is_rfc3339_with_an_offset(env: Env, method: str) -> None:
+    await env.new_client()
+
+    def body(order_id: str, executed_at: Any) -> dict[str, Any]:
+        if method == "v2/set-order":
+            return order(order_id, executedAt=executed_at)
+        return {"orderId": order_id, "executedAt": executed_at}
+
+    where = "calculationQuery.executedAt" if method == "v2/set-order" else "executedAt"
+    for i, value in enumerate(GOOD_TIMES):
+        assert error_code(await env.call("v2/set-order", order(f"o-{i}"))) is None
+        r = await env.call(method, body(f"o-{i}", value))
+        assert error_code(r) is None, (value, r.json())
+    stored = await env.control("orders")
+    key = {"v2/set-order": "executedAt", "confirm-order": "confirmedAt", "cancel-order": "cancelledAt"}[
+        method
+    ]
+    assert [o[key] for o in stored] == GOOD_TIMES
+    assert error_code(await env.call("v2/set-order", order("o-bad"))) is None
+    for value in BAD_TIMES:
+        r = await env.call(method, body("o-bad", value))
+        assert (error_code(r), hint(r).startswith(where)) == (2, True), (value, r.json())
+    assert env.sandbox.orders["o-bad"].status == "new"
+
+
+async def test_bonus_requests_are_an_int_or_auto(env: Env) -> None:
+    await env.new_client()
+    for field in ("applyBonuses", "collectBonuses"):
+        for value in (-1, 1.5, "all", True):
+            body = order("o-1")
+            body["calculationQuery"][field] = value
+            r = await env.call("v2/set-order", body)
+            assert (error_code(r), hint(r).startswith(f"calculationQuery.{field}")) == (2, True), value
+    assert env.sandbox.orders == {}
+
+
+# ---- order lifecycle ---------------------------------------------------------------------------
+
+
+async def test_cancel_of_a_confirmed_order_is_a_refund(env: Env) -> None:
+    await env.new_client()
+    env.sandbox.find_client(phone_number=PHONE).bonuses = 300  # type: ignore[union-attr]
+    await env.call("v2/set-order", order("o-1", applyBonuses=100, collectBonuses="auto"))
+    confirmed = await env.call("confirm-order", {"orderId": "o-1"})
+    assert confirmed.json()["clientBonuses"] == {"available": 200, "pending": 95, "reserved": 0}
+
+    refund = await env.call("cancel-order", {"orderId": "o-1", "executedAt": "2024-05-02T12:00:00+03:00"})
+    assert error_code(refund) is None, refund.json()
+    # The applied bonuses come back and the pending ones the confirmation credited are taken back.
+    assert refund.json()["clientBonuses"] == {"available": 300, "pending": 0, "reserved": 0}
+    assert refund.json()["operationResult"]["appliedBonuses"] == 0
+    client = env.sandbox.find_client(phone_number=PHONE)
+    assert client is not None
+    assert (client.bonuses, client.pending_bonuses, client.reserved_bonuses) == (300, 0, 0)
+
+    for method, body in (
+        ("cancel-order", {"orderId": "o-1"}),
+        ("confirm-order", {"orderId": "o-1"}),
+        ("v2/set-order", order("o-1")),
+    ):
+        assert error_code(await env.call(method, body)) == 32, method
+    [stored] = await env.control("orders")
+    assert (stored["status"], stored["confirmations"], stored["cancellations"]) == ("cancelled", 1, 1)
+    assert stored["cancelledAt"] == "2024-05-02T12:00:00+03:00"
+    assert (client.bonuses, client.pending_bonuses) == (300, 0)  # the refused repeats changed nothing
+
+
+async def test_anonymous_order_confirms_and_cancels(env: Env) -> None:
+    body = order("anon")
+    del body["calculationQuery"]["client"]
+    assert error_code(await env.call("v2/set-order", body)) is None
+    confirmed = await env.call("confirm-order", {"orderId": "anon"})
+    assert confirmed.json()["clientBonuses"] == {"available": 0, "pending": 0, "reserved": 0}
+    assert error_code(await env.call("cancel-order", {"orderId": "anon"})) is None
+    assert env.sandbox.orders["anon"].status == "cancelled"
+
+
+# ---- update-client -----------------------------------------------------------------------------
+
+
+async def test_update_client_with_no_changes_is_accepted(env: Env) -> None:
+    created = (await env.new_client(externalId="ext-1", name="Анна")).json()["client"]
+    same = {"phoneNumber": PHONE, "externalId": "ext-1", "name": "Анна"}
+    for body in ({"externalId": "ext-1", "client": {}}, {"phoneNumber": PHONE, "client": same}):
+        r = await env.call("update-client", body)
+        assert error_code(r) is None, r.json()
+        assert r.json()["client"] == created
+    r = await env.call("update-client", {"externalId": "ext-1"})
+    assert (error_code(r), hint(r)) == (2, "client must be an object")
+
+
+async def test_update_client_cannot_take_anothers_external_id(env: Env) -> None:
+    await env.new_client(externalId="a")
+    await env.call("new-client", {"client": {"phoneNumber": OTHER_PHONE, "externalId": "b", "name": "Б"}})
+    r = await env.call("update-client", {"externalId": "b", "client": {"externalId": "a", "name": "В"}})
+    assert error_code(r) == 30
+    b = env.sandbox.find_client(phone_number=OTHER_PHONE)
+    assert b is not None
+    assert (b.external_id, b.name) == ("b", "Б")
+    assert env.sandbox.find_client(external_id="a").phone_number == PHONE  # type: ignore[union-attr]
 
 
 # ---- faults ------------------------------------------------------------------------------------
@@ -542,4 +961,4 @@ async def test_a_fault_can_aim_at_one_client(app_server: Any) -> None:
             headers=headers,
         )
     assert (a.status_code, b.status_code, b2.status_code) == (200, 503, 200)
-    assert sorted(c.external_id for c in sandbox.clients.values()) == ["A", "B"]
+    assert sorted(str(c.external_id) for c in sandbox.clients.values()) == ["A", "B"]

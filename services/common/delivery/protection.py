@@ -143,6 +143,16 @@ class CircuitBreaker:
             self._open(now)
         # Already OPEN: a late failure from a call let through earlier must not extend the cooldown.
 
+    def trip(self) -> None:
+        """Open at once: a failure every call would share (refused credentials, a setting the target rejects).
+
+        A tripped probe re-opens for twice as long, as a failed one does.
+        """
+        if self._state is CircuitState.HALF_OPEN:
+            self._open_for = min(self._open_for * 2, self.max_open_for_s)
+        self._failures = max(self._failures, self.failure_threshold)
+        self._open(self._clock())
+
     def release_probe(self) -> None:
         """Hand back an unused probe so another can be granted at once."""
         if self._state is CircuitState.HALF_OPEN:

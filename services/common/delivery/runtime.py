@@ -44,6 +44,7 @@ from services.common.metrics import (
     IN_FLIGHT,
     PARKED,
     RATE_LIMIT_WAITS,
+    SKIPS,
 )
 from services.common.outcome import Outcome, OutcomeKind
 from services.common.stall import StallWatch
@@ -388,7 +389,9 @@ class DeliveryRuntime:
             async with self._slots:
                 IN_FLIGHT.labels(self.target.name).inc()
                 try:
-                    outcome = await self.target.deliver(job, event, key, Steps(self.ledger, key, job.conn_id))
+                    steps = Steps(self.ledger, key, job.conn_id, target=self.target.name,
+                                  failpoints=self.settings.failpoints)  # fmt: skip
+                    outcome = await self.target.deliver(job, event, key, steps)
                 finally:
                     IN_FLIGHT.labels(self.target.name).dec()
             elapsed = time.perf_counter() - t0
@@ -397,6 +400,10 @@ class DeliveryRuntime:
             was_closed = breaker.state is CircuitState.CLOSED
             if outcome.kind is OutcomeKind.RETRYABLE:
                 breaker.record_failure()
+            elif outcome.opens_circuit:
+                breaker.trip()
+                log.error("circuit opened: every call of this connection would fail the same way",
+                          target=self.target.name, connection=job.conn_id, reason=outcome.reason)  # fmt: skip
             else:
                 breaker.record_success()
                 if not was_closed:
@@ -488,7 +495,11 @@ class DeliveryRuntime:
         await self.ledger.record(key, outcome, started_at=started, duration_s=elapsed, final=True)
         hit(f"{self.target.name}.after_record", self.settings.failpoints)
         DELIVERIES.labels(self.target.name, action, outcome.kind.value).inc()
-        if outcome.ok:
+        if outcome.skipped:
+            SKIPS.labels(self.target.name, action, outcome.skipped).inc()
+            log.info("nothing to send", target=self.target.name, event_id=event.id, connection=connection,
+                     action=action, skip=outcome.skipped, note=outcome.reason)  # fmt: skip
+        elif outcome.ok:
             END_TO_END.labels(self.target.name).observe((_now() - event.relayreceivedat).total_seconds())
             log.info("delivered", target=self.target.name, event_id=event.id, connection=connection, action=action,
                      attempts=attempts, note=outcome.reason or None, ms=round(elapsed * 1000, 2))  # fmt: skip

@@ -9,14 +9,28 @@ for a Klientiks client or visit and a hash of what was last sent, for later even
 
 from __future__ import annotations
 
+from services.common.failpoints import hit
 from services.common.ledger import Entity, Ledger
 
 
 class Steps:
-    """One delivery (by idempotency key) of one connection, as the target's deliverer sees it."""
+    """One delivery (by idempotency key) of one connection, as the target's deliverer sees it.
 
-    def __init__(self, ledger: Ledger, idempotency_key: str, connection: str) -> None:
+    Tests kill the process around a step with the failpoints ``{target}.step.{step}.sent`` (the step's
+    call returned, not yet kept) and ``{target}.step.{step}.kept`` (kept, the next step not yet sent).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        idempotency_key: str,
+        connection: str,
+        *,
+        target: str = "",
+        failpoints: frozenset[str] = frozenset(),
+    ) -> None:
         self._ledger, self.key, self.connection = ledger, idempotency_key, connection
+        self._target, self._failpoints = target, failpoints
         self._done: dict[str, str] | None = None  # read on first use: single-step targets never pay for it
 
     async def result(self, step: str) -> str | None:
@@ -27,12 +41,18 @@ class Steps:
 
     async def finish(self, step: str, result: str) -> None:
         """Keep ``step`` as finished with ``result``: durable when this returns, before the next step."""
+        hit(f"{self._target}.step.{step}.sent", self._failpoints)
         await self._ledger.finish_step(self.key, step, result)
+        hit(f"{self._target}.step.{step}.kept", self._failpoints)
         if self._done is not None:
             self._done[step] = result
 
     async def entity(self, kind: str, klientiks_id: str) -> Entity | None:
-        """The target's id for a Klientiks ``kind`` ("client", "visit") of this connection, if known."""
+        """The target's id for a Klientiks ``kind`` ("client", "order", ...) of this connection, if known.
+
+        ``content_hash`` is what the target last got for it: a hash of the data sent, or a state such as
+        an order's ``confirmed``.
+        """
         return await self._ledger.entity(self.connection, kind, klientiks_id)
 
     async def remember(
