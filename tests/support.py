@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from services.common import targets
-from services.common.events import Client, CloudEvent, EventData, EventName, kafka_key, source_uri
+from services.common.events import (
+    Appointment,
+    Client,
+    CloudEvent,
+    EventData,
+    EventName,
+    kafka_key,
+    source_uri,
+)
 from services.common.kafka import EVENTS
 from services.common.ledger import Ledger, upgrade
 from services.sandbox.maxma import MaxmaSandbox, create_maxma_app
@@ -138,6 +147,17 @@ def client_event(event_id: str, client_id: str, phone: str | None, name: str = "
         id=event_id, source=source_uri("salon"), type=EventName.CLIENT_CREATED.ce_type, time=now,
         relayreceivedat=now, subject=f"client/{client_id}",
         data=EventData(client=Client(id=client_id, full_name=name, phone=phone)),
+    )  # fmt: skip
+
+
+def paid_visit(event_id: str, client_id: str, phone: str, visit: str, amount: str = "2500.00") -> CloudEvent:
+    """A visit-paid event of source `salon` as the normalizer makes it once the Klientiks API completed it."""
+    now = datetime.now(UTC)
+    appt = Appointment(id=visit, total_cost=Decimal(amount), services=["Стрижка женская"])
+    return CloudEvent(
+        id=event_id, source=source_uri("salon"), type=EventName.VISIT_PAID.ce_type, time=now,
+        relayreceivedat=now, subject=f"client/{client_id}",
+        data=EventData(client=Client(id=client_id, phone=phone), appointment=appt),
     )  # fmt: skip
 
 

@@ -473,3 +473,30 @@ def test_cli_events_without_a_ledger_does_not_create_one(
     assert result.exit_code == 2
     assert "the SQLite file does not exist" in result.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_dlq_list_shows_the_vendors_hint_and_an_opened_circuit() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from services.cli.dlq import _table
+    from services.common.dlq import dead_letter_headers
+    from services.common.ops import DeadLetter
+    from services.common.outcome import Outcome
+
+    outcome = Outcome.permanent("Maxma 5: Магазин не найден", vendor_code="5", hint="check shop_code",
+                                opens_circuit=True)  # fmt: skip
+    headers = dead_letter_headers(outcome, target="maxma", connection="maxma", action="set-order",
+                                  idempotency_key="k", attempts=1, first_attempt_at=NOW, last_attempt_at=NOW)  # fmt: skip
+    rec = SimpleNamespace(
+        headers=[(k, v.encode()) for k, v in headers.items()], timestamp=int(NOW.timestamp() * 1000),
+        topic="relay.maxma.dlq", key=b"salon:1", value=b"{}", partition=0, offset=0,
+    )  # fmt: skip
+    dl = DeadLetter.from_record(rec)
+    assert (dl.hint, dl.opened_circuit) == ("check shop_code", True)
+    console = Console(width=400, record=True)
+    console.print(_table([dl]))
+    shown = console.export_text()
+    assert "(hint: check shop_code)" in shown
+    assert "circuit opened" in shown

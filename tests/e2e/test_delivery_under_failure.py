@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from services.common.embedded import EmbeddedBroker
+from services.common.events import CloudEvent
 from services.common.kafka import EVENTS
+from services.sandbox.maxma import MaxmaSandbox
 from tests.support import (
     Roles,
     client_event,
@@ -18,11 +20,43 @@ from tests.support import (
     event_id_of,
     eventually,
     maxma_target,
+    paid_visit,
     publish_events,
     role_env,
 )
 
 N = 3000
+# Paying clients in the kill and rebalance tests, and the paid visits of each (orders of two steps).
+PAYERS, VISITS = 8, 6
+
+
+def _paying_clients(payers: int, visits: int) -> list[CloudEvent]:
+    """Each payer's new-client, then its paid visits, on the payer's key (appointment ids give the order)."""
+    out: list[CloudEvent] = []
+    for p in range(payers):
+        phone = f"+7926{p:07d}"
+        out.append(client_event(f"p{p}", f"P{p}", phone))
+        out.extend(paid_visit(f"p{p}-v{v}", f"P{p}", phone, f"{p + 1}{v:04d}") for v in range(visits))
+    return out
+
+
+def _all_done(sandbox: MaxmaSandbox, clients: int) -> bool:
+    confirmed = sum(1 for o in sandbox.orders.values() if o.status == "confirmed")
+    return len(sandbox.clients) == clients + PAYERS and confirmed == PAYERS * VISITS
+
+
+def _orders_once_in_order(sandbox: MaxmaSandbox) -> None:
+    """Every paid visit confirmed exactly once, each payer's visits confirmed in the order they were paid."""
+    orders = [o.to_dict() for o in sandbox.orders.values()]
+    assert len(orders) == PAYERS * VISITS
+    assert all(o["confirmations"] == 1 and o["cancellations"] == 0 for o in orders)
+    for p in range(PAYERS):
+        mine = sorted(
+            (o for o in orders if o["orderId"].startswith(f"salon:{p + 1}")), key=lambda o: o["confirmedAt"]
+        )
+        assert [o["orderId"] for o in mine] == [f"salon:{p + 1}{v:04d}" for v in range(VISITS)], (
+            f"payer {p} out of order"
+        )
 
 
 async def test_sigterm_under_load_loses_nothing_and_sends_nothing_twice(
@@ -87,10 +121,12 @@ async def test_killed_at_random_moments_every_effect_once_and_in_order(
                     *[client_event(f"k{k}-{j}", f"K{k}-{j}", f"+7925{k:03d}{j:04d}") for j in range(per_key)],
                     key=f"salon:K{k}",
                 )
+            # Clients who pay visits: each visit an order of two steps (set-order, confirm-order).
+            await publish_events(broker.bootstrap_servers, *_paying_clients(PAYERS, VISITS))
             kills = 0
             roles.start("maxma", "maxma")
             await roles.ready("maxma")
-            while kills < 3 and len(t.sandbox.clients) < keys * per_key:
+            while kills < 3 and not _all_done(t.sandbox, keys * per_key):
                 await asyncio.sleep(rnd.uniform(0.2, 1.0))
                 await roles.terminate("maxma", signal.SIGKILL)
                 kills += 1
@@ -98,14 +134,21 @@ async def test_killed_at_random_moments_every_effect_once_and_in_order(
                 await roles.ready("maxma")
             assert kills >= 2, "the work was over before the process could be killed twice"
             await eventually(
-                lambda: len(t.sandbox.clients) == keys * per_key, timeout=90, what="every client"
+                lambda: _all_done(t.sandbox, keys * per_key), timeout=90, what="every client and order"
             )
-            await eventually(lambda: _all_committed(broker.bootstrap_servers, keys * per_key), what="offsets")
+            await eventually(
+                lambda: _all_committed(broker.bootstrap_servers, keys * per_key + PAYERS * (VISITS + 1)),
+                what="offsets",
+            )
         finally:
             roles.stop_all()
 
+    _orders_once_in_order(t.sandbox)
     # Every event's effect exactly once: one client per event id, none created twice.
-    created = [r for r in t.sandbox.requests if r.status == 200 and r.error_code is None]
+    created = [
+        r for r in t.sandbox.requests
+        if r.path == "/new-client" and r.status == 200 and r.error_code is None and not r.body["client"]["externalId"].startswith("P")
+    ]  # fmt: skip
     assert sorted(event_id_of(r) for r in created) == sorted(
         f"k{k}-{j}" for k in range(keys) for j in range(per_key)
     )
@@ -114,7 +157,7 @@ async def test_killed_at_random_moments_every_effect_once_and_in_order(
         firsts: dict[int, float] = {}
         for r in t.sandbox.requests:
             eid = event_id_of(r)
-            if eid.startswith(f"k{k}-") and r.status == 200:
+            if r.path == "/new-client" and eid.startswith(f"k{k}-") and r.status == 200:
                 firsts.setdefault(int(eid.rsplit("-", 1)[1]), r.time)
         assert sorted(firsts, key=firsts.__getitem__) == list(range(per_key)), f"key {k} out of order"
 
@@ -133,6 +176,7 @@ async def test_rebalances_under_load_send_nothing_twice_and_keep_order(
                     *[client_event(f"k{k}-{j}", f"R{k}-{j}", f"+7977{k:03d}{j:04d}") for j in range(per_key)],
                     key=f"salon:R{k}",
                 )
+            await publish_events(broker.bootstrap_servers, *_paying_clients(PAYERS, VISITS))
             roles.start("a", "maxma")
             await roles.ready("a")
             await eventually(lambda: len(t.sandbox.requests) >= 150, what="a delivering")
@@ -147,12 +191,20 @@ async def test_rebalances_under_load_send_nothing_twice_and_keep_order(
             assert await roles.terminate("a") in (0, -signal.SIGTERM)
             assert len(t.sandbox.requests) < keys * per_key, "the load was over before the second rebalance"
             await eventually(
-                lambda: len(t.sandbox.clients) == keys * per_key, timeout=90, what="every client"
+                lambda: _all_done(t.sandbox, keys * per_key), timeout=90, what="every client and order"
             )
         finally:
             roles.stop_all()
 
-    ids = [event_id_of(r) for r in t.sandbox.requests]
+    _orders_once_in_order(t.sandbox)
+    # Each order's two steps were sent once each: no step repeated across the rebalances.
+    for path in ("/v2/set-order", "/confirm-order"):
+        assert sum(1 for r in t.sandbox.requests if r.path == path) == PAYERS * VISITS, path
+    ids = [
+        event_id_of(r)
+        for r in t.sandbox.requests
+        if r.path == "/new-client" and not r.body["client"]["externalId"].startswith("P")
+    ]
     assert len(ids) == keys * per_key  # each event exactly one request: nothing twice across the rebalances
     assert len(set(ids)) == keys * per_key
     for k in range(keys):

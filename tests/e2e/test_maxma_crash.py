@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from services.common.embedded import EmbeddedBroker
-from services.common.events import Appointment, Client, CloudEvent, EventData, EventName, source_uri
 from services.common.failpoints import EXIT_CODE
 from services.common.kafka import EVENTS
 from services.common.ledger import DeliveryStatus, idempotency_key
-from tests.support import Roles, client_event, committed, eventually, maxma_target, publish_events, role_env
+from tests.support import (
+    Roles,
+    client_event,
+    committed,
+    eventually,
+    maxma_target,
+    paid_visit,
+    publish_events,
+    role_env,
+)
 
 
 @pytest.mark.parametrize(
@@ -69,15 +75,6 @@ async def _committed_one(bootstrap: str) -> bool:
     return sum((await committed(bootstrap, "relay-maxma", EVENTS)).values()) == 1
 
 
-def _paid_visit(event_id: str, client_id: str, phone: str, visit: str) -> CloudEvent:
-    now = datetime.now(UTC)
-    return CloudEvent(
-        id=event_id, source=source_uri("salon"), type=EventName.VISIT_PAID.ce_type, time=now, relayreceivedat=now,
-        data=EventData(client=Client(id=client_id, phone=phone),
-                       appointment=Appointment(id=visit, total_cost=Decimal("4500.00"), services=["Окрашивание"])),
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("failpoint", "set_orders"),
     [
@@ -101,7 +98,7 @@ async def test_killed_between_set_order_and_confirm_confirms_the_order_once(
             roles.start("maxma", "maxma", env={"RELAY_FAILPOINTS": f'["{failpoint}"]'})
             await roles.ready("maxma")
             await publish_events(
-                broker.bootstrap_servers, _paid_visit("evt-paid", "7701", "+79035550011", "8801")
+                broker.bootstrap_servers, paid_visit("evt-paid", "7701", "+79035550011", "8801")
             )
 
             assert await roles.wait_exit("maxma") == EXIT_CODE, roles.log("maxma")[-2000:]

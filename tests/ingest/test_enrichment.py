@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -15,6 +16,7 @@ from services.common.events import (
     EventData,
     EventName,
     Person,
+    ServiceLine,
     source_uri,
 )
 from services.ingest.enrichment import (
@@ -305,3 +307,80 @@ def test_record_helpers() -> None:
     assert client_from_appointment(APPOINTMENT) == CLIENT
     assert client_from_appointment({"appointment_client_links": [{"client_id": 5}]}) is None
     assert client_from_appointment({"appointment_client_links": "oops"}) is None
+
+
+# ---- visit-paid: the amount and the priced services ------------------------------------------------------
+
+
+def paid_thin() -> CloudEvent:
+    """The seed's visit-paid template: ids, status and paid; no amount, no services."""
+    return event(
+        Client(id="6439308"),
+        Appointment(id="5833264", status="finished", paid=True),
+        name=EventName.VISIT_PAID,
+    )
+
+
+def test_a_paid_visit_without_an_amount_needs_enrichment_even_with_its_start() -> None:
+    appt = Appointment(id="5833264", start=NOW, status="finished")
+    assert needs_enrichment(event(Client(id="7", phone="+79161234567"), appt, name=EventName.VISIT_PAID))
+    with_amount = appt.model_copy(update={"total_cost": Decimal("10")})
+    assert not needs_enrichment(
+        event(Client(id="7", phone="+79161234567"), with_amount, name=EventName.VISIT_PAID)
+    )
+    # Another event with no amount is not looked up for it: only a paid visit makes an order.
+    assert not needs_enrichment(event(Client(id="7", phone="+79161234567"), appt))
+
+
+def test_a_paid_visit_gets_its_amount_and_priced_services() -> None:
+    a = full(paid_thin(), {**APPOINTMENT, "total_cost": "3300.00"}).data.appointment
+    assert a is not None
+    assert a.total_cost == Decimal("3300.00")
+    assert a.lines == [
+        ServiceLine(name="Стрижка женская", service_id="101", price=Decimal("1800.00")),
+        ServiceLine(name="Укладка", service_id="106", price=Decimal("1500.00")),
+    ]
+    assert a.status == "finished"  # the webhook's
+
+
+def test_the_amount_is_the_sum_of_the_prices_when_the_record_has_no_total() -> None:
+    a = full(paid_thin()).data.appointment
+    assert a is not None
+    assert a.total_cost == Decimal("3300.00")
+
+
+@pytest.mark.parametrize(
+    ("total", "prices", "expected"),
+    [
+        (3000, ["1800.00", "1200"], Decimal("3000")),  # a JSON number
+        ("1 500,50", ["1500.50"], Decimal("1500.50")),  # as Klientiks may print it
+        ("abc", ["100", "200"], Decimal("300")),  # unreadable: the prices' sum
+        ("-5", ["100"], Decimal("100")),  # negative is not a price
+        ("10.555", ["10.555"], None),  # not kopecks, and no price is either
+        (None, ["100", None], None),  # a price unknown: no sum
+        (True, ["100"], Decimal("100")),  # not a number
+    ],
+)
+def test_odd_amounts_are_never_guessed(total: Any, prices: list[Any], expected: Decimal | None) -> None:
+    services = [{"service_id": 100 + i, "name": f"Услуга {i}", "price": p} for i, p in enumerate(prices)]
+    a = full(
+        paid_thin(), {**APPOINTMENT, "total_cost": total, "appointed_services": services}
+    ).data.appointment
+    assert a is not None
+    assert a.total_cost == expected
+
+
+def test_a_count_and_junk_in_the_service_list() -> None:
+    services: list[Any] = [
+        {"service_id": 1, "name": "Маникюр", "price": "1000", "count": "2"},
+        {"service_id": 2, "name": "", "price": "5"},  # no name: not a line
+        "Педикюр",  # not a record
+        {"service_id": "x", "name": "Укладка\u200b", "price": "10", "count": 0},  # odd id and count
+    ]
+    a = full(paid_thin(), {**APPOINTMENT, "appointed_services": services}).data.appointment
+    assert a is not None
+    assert a.lines == [
+        ServiceLine(name="Маникюр", service_id="1", price=Decimal("1000"), qty=2),
+        ServiceLine(name="Укладка", service_id=None, price=Decimal("10"), qty=1),
+    ]
+    assert a.total_cost == Decimal("2010")

@@ -25,6 +25,7 @@ from tests.support import (
     event_id_of,
     eventually,
     maxma_target,
+    paid_visit,
     publish_events,
     serve_app,
 )
@@ -258,3 +259,25 @@ async def test_a_partition_that_cannot_commit_makes_the_service_not_ready_until_
 
 async def _is(check: Any, expected: int) -> bool:
     return bool(await check() == expected)
+
+
+async def test_a_replayed_order_resumes_at_its_confirm(kafka: KafkaSettings, tmp_path: Path) -> None:
+    # The confirm is refused (a rule in Maxma); once fixed, the replay confirms without a second set-order.
+    async with running(kafka, tmp_path) as t:
+        t.sandbox.run_operation("/new-client", {"client": {"phoneNumber": "+79160000011", "externalId": "P"}})
+        t.sandbox.add_fault({"mode": "error_code", "code": 33, "times": 1, "path": "/confirm-order"})
+        await publish_events(kafka.bootstrap_servers, paid_visit("p0", "P", "+79160000011", "9001"))
+        flt = DlqFilter(targets=("maxma",))
+        await eventually(lambda: _dead_letters(kafka, flt, 1), what="the dead letter")
+        (dead,) = await read_dlq(kafka.bootstrap_servers, ["maxma"], flt)
+        assert (dead.event_id, dead.action, dead.vendor_code) == ("p0", "set-order", "33")
+        assert t.sandbox.orders["salon:9001"].status == "new"
+
+        assert await replay(kafka.bootstrap_servers, [dead]) == 1
+        await eventually(
+            lambda: t.sandbox.orders["salon:9001"].status == "confirmed", what="the replay confirmed"
+        )
+        await eventually(lambda: _all_committed(kafka, 2), what="the replay read")
+        paths = [r.path for r in t.sandbox.requests if r.path != "/new-client"]
+        assert paths == ["/v2/set-order", "/confirm-order", "/confirm-order"]
+        assert t.sandbox.orders["salon:9001"].to_dict()["confirmations"] == 1
