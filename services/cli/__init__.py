@@ -22,7 +22,10 @@ app = typer.Typer(
 # `relay --help` lists the commands, then the groups, each in the order they are added here.
 for _name in targets.names():  # `relay maxma`, ...: one delivery service per registered target
     _spec = targets.get(_name)
-    app.command(_name)(roles.delivery_role(_name, _spec.title, _spec.port))
+    if _spec.commands is None:
+        app.command(_name)(roles.delivery_role(_name, _spec.title, _spec.port))
+    else:  # `relay weeek` runs the service; `relay weeek funnels` is one of its operator commands
+        app.add_typer(roles.delivery_group(_name, _spec.title, _spec.port, _spec.commands), name=_name)
 app.command("broker")(roles.broker)
 app.command("docs")(configcmd.docs)
 app.command("token")(configcmd.token)

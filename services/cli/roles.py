@@ -89,6 +89,27 @@ def delivery_role(name: str, title: str, default_port: int) -> Callable[..., Non
     return role
 
 
+def delivery_group(name: str, title: str, default_port: int, commands: str) -> typer.Typer:
+    """``relay <name>`` runs the delivery service; ``relay <name> <command>`` runs one of ``commands``' app."""
+    import importlib
+
+    role = delivery_role(name, title, default_port)
+    group: typer.Typer = importlib.import_module(commands).app
+
+    @group.callback(invoke_without_command=True)
+    def run_or_command(
+        ctx: typer.Context,
+        host: HostOpt = "0.0.0.0",  # noqa: S104
+        port: PortOpt = default_port,
+        migrate: MigrateOpt = False,
+    ) -> None:
+        if ctx.invoked_subcommand is None:
+            role(host=host, port=port, migrate=migrate)
+
+    run_or_command.__doc__ = f"Deliver events to {title} (with no command), or run one of its commands."
+    return group
+
+
 @sandbox_app.command("maxma")
 def sandbox_maxma(
     host: HostOpt = "127.0.0.1",
@@ -133,6 +154,48 @@ def sandbox_cpahouse(
         raise typer.BadParameter("the key file is empty", param_hint="--key-file")
     accounts = {key: str(webmaster_id)} if key is not None else None
     serve(create_cpahouse_app(accounts=accounts), host, port)
+
+
+@sandbox_app.command("plarin")
+def sandbox_plarin(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8094,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token postbacks must carry as token=... (without it none)."),
+    ] = None,
+) -> None:
+    """A fake Plarin conversion-postback receiver (GET /postback), strict and able to fail on demand."""
+    from services.sandbox.plarin import create_plarin_app
+
+    configure_logging()
+    token = token_file.read_text().strip() if token_file else None
+    if token == "":
+        raise typer.BadParameter("the token file is empty", param_hint="--token-file")
+    serve(create_plarin_app(token=token), host, port)
+
+
+@sandbox_app.command("weeek")
+def sandbox_weeek(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8093,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the accepted Bearer token (without it any non-empty token)."),
+    ] = None,
+) -> None:
+    """A fake Weeek CRM API (public v1, under /public/v1) that answers like the real one and can fail."""
+    from services.sandbox.weeek import create_weeek_app
+
+    configure_logging()
+    token = token_file.read_text().strip() if token_file else None
+    if token == "":
+        raise typer.BadParameter("the token file is empty", param_hint="--token-file")
+    try:
+        app = create_weeek_app(tokens={token} if token is not None else None)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--token-file") from None
+    serve(app, host, port)
 
 
 @sandbox_app.command("klientiks")

@@ -85,6 +85,9 @@ class Appointment(Payload):
         default_factory=list, description="the services with their prices, from the Klientiks API"
     )
     executor: Person | None = None
+    executor_id: str | None = Field(None, description="the Klientiks user who serves the visit")
+    author_id: str | None = Field(None, description="the Klientiks user who booked it")
+    by_subscription: bool | None = Field(None, description="paid by a subscription (абонемент)")
     created: AwareDatetime | None = None
     paid: bool | None = None
     parent_id: str | None = Field(None, description="appointment_appointment_id of the visit-paid template")

@@ -1,6 +1,7 @@
 """Connection templates over an event's fields: ``"klientiks-{client.id}"``, ``"{attribution.utm.utm_source}"``.
 
-A template is text with ``{path}`` fields; ``{{`` and ``}}`` are literal braces. The paths are checked when
+A template is text with ``{path}`` fields; ``{{`` and ``}}`` are literal braces; a date-time takes a
+strftime format (``{appointment.start:%d.%m.%Y %H:%M}``); ``{appointment.services}`` is the names joined. The paths are checked when
 the config is read (:func:`problems`), so a typo fails at start, named with its config path. A field the
 event does not carry makes the whole value absent (:func:`render` returns None): a vendor never gets a
 half-filled value such as ``"klientiks-"``.
@@ -24,8 +25,10 @@ _MAPS = ("extra.", "attribution.utm.", "attribution.click_ids.")
 _FIXED = {
     "event.id", "event.type", "event.source", "event.subject", "user_position",
     "attribution.ip", "attribution.user_agent", "appointment.executor.name", "appointment.executor.phone",
-    "appointment.start", "appointment.created", "event.time",
+    "appointment.start", "appointment.created", "event.time", "appointment.services",
 }  # fmt: skip
+# Date-times may take a strftime format: `{appointment.start:%d.%m.%Y %H:%M}`.
+_DATETIMES = frozenset({"appointment.start", "appointment.created", "event.time"})
 _KEY = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
@@ -59,8 +62,8 @@ def problems(template: str) -> list[str]:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
         return [f"malformed template {template!r} ({e}); write literal braces as {{{{ and }}}}"]
-    out = [f"{{{name}}}: write a field as {{path}}, without a conversion or format" for _, name, spec, conv in parts
-           if name is not None and (spec or conv)]  # fmt: skip
+    out = [f"{{{name}}}: write a field as {{path}}, without a conversion, or a date-time's format after ':'"
+           for _, name, spec, conv in parts if name is not None and (conv or (spec and name not in _DATETIMES))]  # fmt: skip
     paths = [name for _, name, _, _ in parts if name is not None]
     for path in paths:
         if path in _KNOWN:
@@ -83,9 +86,13 @@ def _lookup(event: CloudEvent, path: str) -> Any:
     return node
 
 
-def _text(value: Any) -> str | None:
-    if value is None or value == "":
+def _text(value: Any, spec: str = "") -> str | None:
+    if value is None or value == "" or value == []:
         return None
+    if isinstance(value, list):  # appointment.services
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, datetime) and spec:
+        return value.strftime(spec)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, datetime):
@@ -96,11 +103,11 @@ def _text(value: Any) -> str | None:
 def render(template: str, event: CloudEvent) -> str | None:
     """``template`` filled from ``event``; None when a field it names is absent (checked templates only)."""
     out = []
-    for literal, name, _spec, _conv in string.Formatter().parse(template):
+    for literal, name, spec, _conv in string.Formatter().parse(template):
         out.append(literal)
         if name is None:
             continue
-        value = _text(_lookup(event, name))
+        value = _text(_lookup(event, name), spec or "")
         if value is None:
             return None
         out.append(value)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 ENTRIES: dict[str, str] = {
     "maxma": "services.maxma.plugin",
     "cpahouse": "services.cpahouse.plugin",
+    "weeek": "services.weeek.plugin",
+    "plarin": "services.plarin.plugin",
 }
 
 # What a connection's deliverer does: one action for one event, sent once in effect under the key; a
@@ -62,6 +64,8 @@ class TargetSpec:
     url_key: str = "base_url"
     # The demo config's connection to the sandbox: (sandbox URL, reference to its secret) -> the mapping.
     demo: Callable[[str, str], dict[str, Any]] | None = None
+    # A module whose ``app`` (a Typer app) adds operator commands under ``relay <name>`` (`relay weeek funnels`).
+    commands: str | None = None
 
 
 _specs: dict[str, TargetSpec] = {}

@@ -18,7 +18,7 @@ _DEFAULT_EVENTS: dict[EventName, CpaHouseAction] = {
     EventName.ONLINE_BOOKING: "lead",
 }
 _DEFAULT_SUB_IDS: dict[SubId, str] = {"sub_id_1": "{client.id}"}
-_ID = r"^[1-9][0-9]{0,18}$"
+_ID = r"^[1-9][0-9]{0,17}$"
 
 
 class CpaHouseConnection(BaseModel):

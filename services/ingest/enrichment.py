@@ -59,6 +59,9 @@ _APPOINTMENT_PARAMS = {
     "paid": ("appointment_paid",),
     "created": ("appointment_created",),
     "account_id": ("appointment_account_id",),
+    "executor_id": ("executor_id",),
+    "author_id": ("author_id",),
+    "by_subscription": ("appointment_abonement",),
 }
 
 
@@ -262,8 +265,21 @@ def _appointment_fields(record: Mapping[str, Any], zone: ZoneInfo, region: str) 
         "created": _when(record.get("created"), zone),
         "account_id": clean_id(record.get("account_id")),
         "executor": _executor(record.get("executor"), region),
+        "executor_id": clean_id(record.get("executor_id")),
+        # Not confirmed by a source: the booking's author and its subscription, as the analytics
+        # integration of seed 004 reads them (services/sandbox/klientiks.py gives the same names).
+        "author_id": clean_id(record.get("author_id")),
+        "by_subscription": _subscription(record.get("abonement_id")),
     }
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _subscription(value: Any) -> bool | None:
+    """A visit paid by a subscription names it (``abonement_id``); an empty or zero id says it was not."""
+    if value is None:
+        return None
+    ident = clean_id(value)
+    return bool(ident and ident.strip("0")) if ident is not None or value in ("", 0, False) else None
 
 
 def _amount(value: Any) -> Decimal | None:
@@ -274,9 +290,11 @@ def _amount(value: Any) -> Decimal | None:
         value = str(value)
     text = _text(value, cap_of("appointment_total_cost"))
     amount = parse_money(text) if text else None
-    if amount is None or not amount.is_finite() or amount < 0 or amount.as_tuple().exponent < -2:  # type: ignore[operator]
+    if amount is None or not amount.is_finite() or amount < 0:
         return None
-    return amount
+    # "1800.000" is 1800.00; "10.555" is not a price.
+    kopecks = amount.quantize(Decimal("0.01"))
+    return kopecks if kopecks == amount else None
 
 
 def _lines(services: Any) -> list[ServiceLine]:

@@ -74,12 +74,15 @@ KNOWN = {
     "appointment_time", "executor_name", "executor_phone", "services", "appointment_total_cost",
     "user_position", "appointment_amount", "appointment_paid", "appointment_name", "appointment_description",
     "appointment_paid_sum", "appointment_left_to_pay", "appointment_account_id", "appointment_created",
-    "appointment_appointment_id", "appointment_status", "status", "ip", "user_agent",
+    "appointment_appointment_id", "appointment_status", "status", "ip", "user_agent", "executor_id",
+    "author_id", "appointment_abonement",
 }  # fmt: skip
 
 # Klientiks ids are integers: anything else (a sign, spaces, an invisible character) is not one of its ids.
 _ID = re.compile(r"[0-9]{1,20}")
-IDS = frozenset({"client_id", "appointment_id", "appointment_appointment_id", "appointment_account_id"})
+IDS = frozenset({
+    "client_id", "appointment_id", "appointment_appointment_id", "appointment_account_id", "executor_id", "author_id",
+})  # fmt: skip
 # Longest value kept, in characters after cleaning; a longer one is invalid, never cut short. A full name
 # has room for its three parts joined.
 CAPS: dict[str, int] = {
@@ -95,7 +98,7 @@ NAME_CAP = 64  # a parameter's name
 _SHORT = {
     "client_phone", "executor_phone", "client_deleted", "appointment_paid", "appointment_date",
     "appointment_time", "appointment_created", "appointment_total_cost", "appointment_amount",
-    "appointment_paid_sum", "appointment_left_to_pay",
+    "appointment_paid_sum", "appointment_left_to_pay", "appointment_abonement",
 }  # fmt: skip
 # Never kept in text: controls, format characters (zero-width, bidi controls, BOM), private use, unassigned.
 _INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cn"})
@@ -567,6 +570,9 @@ def _appointment(
         paid=paid,
         parent_id=p.get("appointment_appointment_id"),
         account_id=p.get("appointment_account_id"),
+        executor_id=p.get("executor_id"),
+        author_id=p.get("author_id"),
+        by_subscription=_bool(p, "appointment_abonement", invalid),
     )
     return appt if appt.model_dump(exclude_none=True, exclude_defaults=True) else None
 

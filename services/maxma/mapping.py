@@ -82,7 +82,7 @@ def visit_id(event: CloudEvent) -> str:
     if not found:
         raise MappingError(
             "the event has no appointment id, so no stable order id",
-            "add appointment_id to the Klientiks webhook template (relay config urls shows it)",
+            "add appointment_id to the Klientiks webhook template (`relay urls` shows it)",
         )
     return found
 

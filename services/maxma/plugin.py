@@ -111,7 +111,10 @@ class _Maxma:
         if order_not_found(out):
             # Maxma lost the order set in an earlier attempt: set it again, then confirm, once each.
             again = await self._set(event, key, steps)
-            if not again.ok or already_done(again):
+            if not again.ok:
+                return again
+            if already_done(again):  # confirmed meanwhile (by another event of the visit)
+                await self._remember(steps, event, visit, order, CONFIRMED)
                 return again
             out = await self.api.confirm_order(body, idempotency_key=f"{key}/confirm-order")
         if not out.ok:

@@ -177,6 +177,9 @@ class NewAppointment(BaseModel):
     services: list[str] = Field(default_factory=lambda: ["Стрижка женская"])
     executor_id: int = _EXECUTORS[0]
     paid: bool = False
+    # Not confirmed by a source (seed 004 reads them): who booked it, and the subscription that pays it.
+    author_id: int | None = None
+    abonement_id: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -290,6 +293,8 @@ class KlientiksSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
             created=now,
             paid=spec.paid,
         )
+        record["author_id"] = spec.author_id if spec.author_id is not None else spec.executor_id
+        record["abonement_id"] = spec.abonement_id
         client["modified"] = klientiks_time(now)
         return self.render_appointment(record)
 
@@ -414,6 +419,8 @@ class KlientiksSandbox(kit.SandboxState[RecordedRequest, FaultSpec]):
             "created": klientiks_time(created),
             "modified": klientiks_time(max(created, min(start, created + timedelta(hours=3)))),
             "paid": paid,
+            "author_id": executor_id,
+            "abonement_id": None,
             "urgent": False,
             "is_sale": False,
             "_link_id": link,

@@ -59,7 +59,7 @@ def full_event() -> CloudEvent:
                 total_cost=Decimal("2500.00"), services=["Стрижка", "Укладка"],
                 executor=Person(name="Мария Петрова", phone="+79160000002"),
                 created=datetime(2024, 3, 14, 12, 15, 30, tzinfo=MSK), paid=True, parent_id="55000",
-                account_id="7",
+                account_id="7", executor_id="113423", author_id="113421", by_subscription=False,
             ),
             invoice=Invoice(
                 object_id="55017", name="Счёт 12", description="Стрижка и укладка", amount=Decimal("2500.00"),
@@ -85,10 +85,9 @@ def test_fields_lists_the_scalar_paths_of_the_event() -> None:
     assert {"client.id", "client.full_name", "client.phone", "client.deleted", "appointment.start",
             "appointment.total_cost", "appointment.executor.name", "invoice.amount", "attribution.ip",
             "attribution.user_agent", "event.id", "event.time", "user_position"} <= set(paths)  # fmt: skip
-    # Lists and nested models are not one value.
-    assert not {"appointment.services", "appointment.lines", "appointment.executor", "client", "extra"} & set(
-        paths
-    )
+    # Nested models and lists of records are not one value; the service names are, joined.
+    assert not {"appointment.lines", "appointment.executor", "client", "extra"} & set(paths)
+    assert "appointment.services" in paths
 
 
 @pytest.mark.parametrize("path", fields())
@@ -134,7 +133,6 @@ def test_accepted_templates(template: str) -> None:
         "client.nope",
         "client",
         "appointment",
-        "appointment.services",
         "appointment.lines",
         "appointment.executor",
         "missing",
@@ -166,12 +164,20 @@ def test_unknown_paths_are_refused(path: str) -> None:
 
 @pytest.mark.parametrize(
     "template",
-    ["{client.id!r}", "{client.id!s}", "{client.id:>5}", "{event.time:%Y}", "{client.id:{client.phone}}"],
+    ["{client.id!r}", "{client.id!s}", "{client.id:>5}", "{event.time!r}", "{client.id:{client.phone}}"],
 )
 def test_conversions_and_format_specs_are_refused(template: str) -> None:
     found = problems(template)
     assert len(found) == 1
-    assert "without a conversion or format" in found[0]
+    assert "without a conversion" in found[0]
+
+
+def test_a_date_time_takes_a_format_and_services_are_joined() -> None:
+    template = "{appointment.services} — {appointment.start:%d.%m.%Y %H:%M}"
+    assert problems(template) == []
+    assert render(template, full_event()) == "Стрижка, Укладка — 20.03.2024 14:30"
+    no_services = full_event().data.model_copy(update={"appointment": Appointment(id="1", start=RECEIVED)})
+    assert render(template, event(no_services)) is None
 
 
 @pytest.mark.parametrize(
@@ -184,10 +190,10 @@ def test_unbalanced_braces_are_refused(template: str) -> None:
 
 
 def test_every_problem_is_listed() -> None:
-    found = problems("{nope}-{client.id:>5}-{appointment.services}")
+    found = problems("{nope}-{client.id:>5}-{appointment.lines}")
     assert len(found) == 3
     assert sum("unknown field {nope}" in p for p in found) == 1
-    assert sum("unknown field {appointment.services}" in p for p in found) == 1
+    assert sum("unknown field {appointment.lines}" in p for p in found) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

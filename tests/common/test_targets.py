@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from services.cli import app
 from services.common import targets
-from services.common.config import KafkaSettings, SourceConfig, load_settings
+from services.common.config import KafkaSettings, SourceConfig, add_target_name, load_settings
 from services.common.delivery.steps import Steps
 from services.common.events import CloudEvent, EventName
 from services.common.outcome import Outcome
@@ -113,9 +113,11 @@ def test_config_check_types_each_connection_with_its_targets_model(tmp_path: Pat
 
 
 def test_config_check_refuses_a_connection_to_a_target_with_no_service(tmp_path: Path) -> None:
-    weeek = "      - target: weeek\n        events:\n          client-created: contact\n"
+    # A name a plugin made valid config without registering its service (every product target has one).
+    add_target_name("future")
+    future = "      - target: future\n        events:\n          client-created: lead\n"
     result = CliRunner().invoke(
-        app, ["config", "check"], env={"RELAY_CONFIG": str(_config(tmp_path, weeek)), "COLUMNS": "300"}
+        app, ["config", "check"], env={"RELAY_CONFIG": str(_config(tmp_path, future)), "COLUMNS": "300"}
     )
     assert result.exit_code == 2
-    assert "'weeek' has no delivery service yet" in result.output
+    assert "'future' has no delivery service yet" in result.output

@@ -68,14 +68,14 @@ def test_events_can_be_chosen() -> None:
 
 
 @pytest.mark.parametrize("key", ["webmaster_id", "offer_id", "source_id", "stream_id"])
-@pytest.mark.parametrize("value", ["abc", "0", "012", "-1", "1.5", "", " 1", "1 ", "١٢٣", "1" * 20, "1e3"])
+@pytest.mark.parametrize("value", ["abc", "0", "012", "-1", "1.5", "", " 1", "1 ", "١٢٣", "1" * 19, "1e3"])
 def test_ids_must_be_digits(key: str, value: str) -> None:
     assert key in refused(**{key: value})
 
 
 @pytest.mark.parametrize("key", ["webmaster_id", "offer_id", "source_id", "stream_id"])
 def test_ids_as_the_api_takes_them(key: str) -> None:
-    for value in ("1", "42", "9" * 19):
+    for value in ("1", "42", "9" * 18):  # at most 18 digits, as the sandbox takes them
         assert getattr(CpaHouseConnection.model_validate(minimal(**{key: value})), key) == value
 
 
@@ -106,7 +106,7 @@ def test_sub_id_templates() -> None:
 
 
 @pytest.mark.parametrize(
-    "template", ["{client.nope}", "{appointment.services}", "{client.id!r}", "{client.id:>5}", "{client.id"]
+    "template", ["{client.nope}", "{appointment.lines}", "{client.id!r}", "{client.id:>5}", "{client.id"]
 )
 def test_a_bad_template_is_refused_naming_its_sub_id(template: str) -> None:
     message = refused(sub_ids={"sub_id_1": "{client.id}", "sub_id_2": template})
