@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import configcmd, dlq, events, quarantine, roles, run
+from services.cli import configcmd, deploycmd, dlq, events, quarantine, roles, run
 from services.cli.run import ROLES
 from services.common import targets
 
@@ -35,6 +35,8 @@ app.command("demo")(run.demo)
 app.add_typer(roles.ingest_app, name="ingest")
 app.add_typer(roles.sandbox_app, name="sandbox")
 app.add_typer(roles.db_app, name="db")
+app.add_typer(roles.kafka_app, name="kafka")
+app.add_typer(deploycmd.deploy_app, name="deploy")
 app.add_typer(configcmd.config_app, name="config")
 app.add_typer(dlq.dlq_app, name="dlq")
 app.add_typer(events.events_app, name="events")

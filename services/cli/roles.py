@@ -22,6 +22,7 @@ from services.common.logging import configure_logging
 ingest_app = typer.Typer(help="The ingest service roles.", no_args_is_help=True)
 sandbox_app = typer.Typer(help="Fake target APIs for the local run, demos and tests.", no_args_is_help=True)
 db_app = typer.Typer(help="The ledger database.", no_args_is_help=True)
+kafka_app = typer.Typer(help="The Kafka topics.", no_args_is_help=True)
 
 HostOpt = Annotated[str, typer.Option(help="Interface to listen on.")]
 PortOpt = Annotated[int, typer.Option(help="HTTP port (webhooks, /metrics, /healthz, /readyz).")]
@@ -236,3 +237,14 @@ def db_upgrade() -> None:
 
     asyncio.run(migrate(read_settings().database_url))
     console.print("ledger is up to date")
+
+
+@kafka_app.command("create-topics")
+def kafka_create_topics() -> None:
+    """Create every topic with its partition count (kafka.partitions, else the defaults); existing ones stay."""
+    from services.common.kafka import ensure_topics, topic_specs
+
+    settings = read_settings()
+    asyncio.run(ensure_topics(settings.kafka))
+    for spec in topic_specs(settings.kafka):
+        console.print(f"{spec.name}: {spec.partitions} partition(s)")

@@ -301,12 +301,21 @@ class Spooled:
     record: str
 
 
+# The target_id of an entity whose create was sent and not yet answered (services/common/delivery/steps.py).
+PENDING = "\x00pending"
+
+
 @dataclass(frozen=True)
 class Entity:
     """The target's id for a Klientiks entity, and the hash of what was last sent for it."""
 
     target_id: str
     content_hash: str | None
+
+    @property
+    def pending(self) -> bool:
+        """Its create was sent and no answer was kept: the target may or may not have it."""
+        return self.target_id == PENDING
 
 
 def _waiting(r: Any) -> Waiting:
@@ -678,6 +687,14 @@ class Ledger:
                     _EN, ["connection", "kind", "klientiks_id"], ["target_id", "content_hash", "updated_at"]
                 ),
                 [row],
+            )
+
+    async def forget_entity(self, connection: str, kind: str, klientiks_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                delete(_EN).where(
+                    _EN.c.connection == connection, _EN.c.kind == kind, _EN.c.klientiks_id == klientiks_id
+                )
             )
 
     # -- records waiting for the Klientiks API (the normalizer) ----------------------------------------

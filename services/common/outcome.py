@@ -30,6 +30,9 @@ class Outcome:
     skipped: str | None = None
     # Every call of this connection would fail the same way (bad credentials, unknown shop): open its circuit.
     opens_circuit: bool = False
+    # No answer came, but the request may have reached the target and taken effect (a read timeout, a
+    # dropped connection): a create without a natural key must not be sent again blindly.
+    maybe_sent: bool = False
 
     @classmethod
     def success(
@@ -57,10 +60,11 @@ class Outcome:
         retry_after: float | None = None,
         throttle: bool = False,
         hint: str | None = None,
+        maybe_sent: bool = False,
     ) -> Outcome:
         return cls(
             OutcomeKind.RETRYABLE, reason, http_status, vendor_code, retry_after, None, throttle=throttle,
-            hint=hint,
+            hint=hint, maybe_sent=maybe_sent,
         )  # fmt: skip
 
     @classmethod
@@ -75,6 +79,16 @@ class Outcome:
     ) -> Outcome:
         return cls(
             OutcomeKind.PERMANENT, reason, http_status, vendor_code, hint=hint, opens_circuit=opens_circuit
+        )
+
+    @classmethod
+    def in_doubt(cls, what: str, hint: str) -> Outcome:
+        """A create the target cannot dedupe was sent and no answer came back: permanent, never sent twice."""
+        return cls(
+            OutcomeKind.PERMANENT,
+            f"in doubt: {what} was sent and no answer came back (a lost connection, a timeout or a stop); "
+            "the target may have it",
+            hint=hint,
         )
 
     @property

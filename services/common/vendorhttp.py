@@ -126,9 +126,11 @@ def status_outcome(status: int, headers: httpx.Headers) -> Outcome | None:
 def error_outcome(exc: httpx.TransportError | TimeoutError) -> Outcome:
     """The retryable outcome of a call that got no answer; only the exception's type, never its message."""
     # The message of a transport error may carry the URL, and some vendors put credentials in it.
+    # Only a connection never made is sure not to have reached the target.
+    maybe = not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
     if error_failure(exc) is Failure.TIMEOUT:
-        return Outcome.retryable(f"timeout: {type(exc).__name__}", throttle=True)
-    return Outcome.retryable(f"connection failed: {type(exc).__name__}")
+        return Outcome.retryable(f"timeout: {type(exc).__name__}", throttle=True, maybe_sent=maybe)
+    return Outcome.retryable(f"connection failed: {type(exc).__name__}", maybe_sent=maybe)
 
 
 async def send(

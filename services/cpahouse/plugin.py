@@ -25,15 +25,30 @@ def deliverer(source: SourceConfig, conn: CpaHouseConnection, transport: httpx.A
     async def deliver(action: str, event: CloudEvent, idempotency_key: str, steps: Steps) -> Outcome:
         try:
             lead = lead_key(event, conn)
-            known = await steps.entity("lead", lead)
-            if known is not None:
-                return Outcome.skip("lead_already_sent", "this client was already sent to this offer")
+        except MappingError as e:
+            return Outcome.permanent(str(e), hint=e.hint)
+        known = await steps.known("lead", lead)
+        # CPA.House has no idempotency key: a lead that may have arrived is never sent again on our own.
+        doubt = Outcome.in_doubt(
+            "the lead", f"look for client {lead.split(':', 1)[1]} in CPA.House; if the lead is missing, "
+            f"replay: relay dlq replay --event-id {event.id}",
+        )  # fmt: skip
+        if known is not None:
+            return (
+                doubt if known.pending else Outcome.skip("lead_already_sent", "this client was already sent")
+            )
+        try:
             form = lead_form(event, conn)
         except MappingError as e:
             return Outcome.permanent(str(e), hint=e.hint)
+        await steps.claim("lead", lead)
         out = await api.send_order(form, idempotency_key=idempotency_key)
         if out.ok:
             await steps.remember("lead", lead, out.target_ref or "sent")
+        elif out.maybe_sent:
+            return doubt
+        else:
+            await steps.release("lead", lead)
         return out
 
     return deliver

@@ -9,6 +9,8 @@ from urllib.parse import quote
 from services.common.events import CloudEvent, EventName
 from services.plarin.settings import PlarinConnection
 
+_MONEY_LIMIT = Decimal(10) ** 15
+
 
 class MappingError(ValueError):
     """The event lacks what the postback template asks for: permanent, never sent."""
@@ -27,7 +29,8 @@ def click_id(event: CloudEvent, params: tuple[str, ...]) -> str | None:
             attribution.utm.get(name) if attribution else None,
             extra.get(name),
         ):
-            if found:
+            # `banner_{ad_id}`: a macro the ad platform left unfilled is no click id.
+            if found and "{" not in found and "}" not in found:
                 return found
     return None
 
@@ -41,9 +44,11 @@ def conversion_value(event: CloudEvent) -> Decimal | None:
 
 
 def _money(value: Decimal) -> str | None:
-    """Two decimals, never an exponent (``1E+3``); a negative or sub-kopeck value is not a price."""
+    """Two decimals, never an exponent (``1E+3``); a negative, sub-kopeck or absurd value is not a price."""
+    if not value.is_finite() or value < 0 or value >= _MONEY_LIMIT:
+        return None
     kopecks = value.quantize(Decimal("0.01"))
-    return format(kopecks, "f") if kopecks == value and value >= 0 else None
+    return format(abs(kopecks), "f") if kopecks == value else None  # abs: "-0.00" is 0
 
 
 def conversion_key(event: CloudEvent) -> str:

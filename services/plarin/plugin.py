@@ -27,15 +27,26 @@ def deliverer(source: SourceConfig, conn: PlarinConnection, transport: httpx.Asy
         if click is None:
             return Outcome.skip("no_click_id", "the event carries no ad click id: not an ad conversion")
         key = conversion_key(event)
-        if await steps.entity("conversion", key) is not None:
-            return Outcome.skip("conversion_already_sent", "this conversion was already sent")
         try:
             url = postback_url(event, conn, click)
         except MappingError as e:
             return Outcome.permanent(str(e), hint=e.hint)
+        known = await steps.known("conversion", key)
+        # A postback has no idempotency key Plarin is known to honour: one that may have arrived is not resent.
+        doubt = Outcome.in_doubt(
+            "the conversion", f"look for click {click} in Plarin; if it is missing, replay: "
+            f"relay dlq replay --event-id {event.id}",
+        )  # fmt: skip
+        if known is not None:
+            return doubt if known.pending else Outcome.skip("conversion_already_sent", "already sent")
+        await steps.claim("conversion", key)
         out = await api.postback(url, idempotency_key=idempotency_key)
         if out.ok:
             await steps.remember("conversion", key, click)
+        elif out.maybe_sent:
+            return doubt
+        else:
+            await steps.release("conversion", key)
         return out
 
     return deliver

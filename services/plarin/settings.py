@@ -34,13 +34,21 @@ class PlarinConnection(BaseModel):
     )
     rate_limit_per_s: float | None = Field(None, gt=0)
     # From the Plarin cabinet (Settings -> Postback), with macros such as {click_id} where values go.
-    postback_url: str
+    postback_url: str = Field(repr=False)  # it may carry the cabinet's key
     # The attribution parameters that carry the ad click id, tried in this order.
     click_id_params: tuple[str, ...] = Field(("yclid", "gclid", "click_id", "utm_content"), min_length=1)
     # The {event} of each Klientiks event; unset: the Klientiks event name (e.g. "visit-paid").
     event_names: dict[EventName, str] = Field(default_factory=dict)
     currency: str = Field("RUB", pattern=r"^[A-Z]{3}$")
     timeout_s: float = Field(15.0, gt=0)
+
+    @field_validator("event_names")
+    @classmethod
+    def _names(cls, v: dict[EventName, str]) -> dict[EventName, str]:
+        for event, name in v.items():
+            if not name.strip() or name != name.strip() or not name.isprintable():
+                raise ValueError(f"event_names.{event.value} must be printable text without outer spaces")
+        return v
 
     @field_validator("postback_url")
     @classmethod

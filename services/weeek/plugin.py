@@ -53,13 +53,18 @@ class _Weeek:
         body = mapping.contact_body(event)
         sent = mapping.fingerprint(body)
         made = await steps.result("contact")
-        if made is not None:
+        known = await steps.known("client", client)
+        if made is not None:  # made by this delivery's earlier attempt
+            if known is None or known.target_id != made:
+                await steps.remember("client", client, made, sent)
             return made, Outcome.success("contact created in an earlier attempt", target_ref=made)
-        known = await steps.entity("client", client)
+        if known is not None and known.pending:
+            return None, _doubt("the contact", event)
         if known is None:
+            await steps.claim("client", client)
             out = await self.api.create_contact(body, key=f"{key}/contact")
             if not out.ok:
-                return None, out
+                return None, await _settle(steps, "client", client, out, "the contact", event)
             if not out.target_ref:
                 return None, Outcome.permanent("Weeek created the contact but sent no id")
             await steps.finish("contact", out.target_ref)
@@ -78,24 +83,29 @@ class _Weeek:
     ) -> tuple[str | None, Outcome]:
         """The visit's deal: from the map, else created in ``status_id`` and linked to the client's contact."""
         visit = mapping.visit_id(event)
-        known = await steps.entity("visit", visit)
-        if known is not None and await steps.result("deal") is None:
-            return known.target_id, Outcome.success("the visit has its deal", target_ref=known.target_id)
-        deal = known.target_id if known else await steps.result("deal")
+        deal = await steps.result("deal")
+        known = await steps.known("visit", visit)
         if deal is None:
+            if known is not None:
+                if known.pending:
+                    return None, _doubt("the deal", event)
+                return known.target_id, Outcome.success("the visit has its deal", target_ref=known.target_id)
             body = mapping.deal_body(event, self.conn)
+            await steps.claim("visit", visit)
             out = await self.api.create_deal(status_id, body, key=f"{key}/deal")
             if not out.ok:
-                return None, out
+                return None, await _settle(steps, "visit", visit, out, "the deal", event)
             if not out.target_ref:
                 return None, Outcome.permanent("Weeek created the deal but sent no id")
             deal = out.target_ref
-            await steps.finish("deal", deal)
-            await steps.remember("visit", visit, deal)
+            await steps.finish("deal", deal)  # this delivery made it: the link follows
             await steps.remember("visit-title", visit, body["title"])
             await steps.remember("visit-status", visit, status_id)
             if "amount" in body:
                 await steps.remember("visit-amount", visit, str(body["amount"]))
+            known = None
+        if known is None or known.target_id != deal:
+            await steps.remember("visit", visit, deal)
         if event.data.client is not None and event.data.client.id and await steps.result("link") is None:
             contact, out = await self.contact(event, key, steps)
             if contact is None:
@@ -162,6 +172,21 @@ class _Weeek:
             return out
         out = await self._patch(steps, visit, deal, mapping.won_patch(event, self.conn), f"{key}/won")
         return out if not out.ok else Outcome.success(out.reason, target_ref=deal)
+
+
+def _doubt(what: str, event: CloudEvent) -> Outcome:
+    # Weeek has no idempotency key and no search by phone: a create that may have arrived is not resent.
+    return Outcome.in_doubt(
+        what, f"look for it in Weeek; if it is missing, replay: relay dlq replay --event-id {event.id}"
+    )
+
+
+async def _settle(steps: Steps, kind: str, ident: str, out: Outcome, what: str, event: CloudEvent) -> Outcome:
+    """A failed create: in doubt if it may have arrived, else free to be created again."""
+    if out.maybe_sent:
+        return _doubt(what, event)
+    await steps.release(kind, ident)
+    return out
 
 
 def deliverer(source: SourceConfig, conn: WeeekConnection, transport: httpx.AsyncBaseTransport) -> Deliver:

@@ -13,7 +13,7 @@ from services.common.config import SourceConfig
 from services.common.delivery.steps import Steps
 from services.common.events import Appointment, Attribution, Client, CloudEvent, EventName
 from services.common.httpclient import make_transport
-from services.common.ledger import Ledger, idempotency_key
+from services.common.ledger import PENDING, Ledger, idempotency_key
 from services.common.outcome import Outcome, OutcomeKind
 from services.cpahouse.plugin import deliverer
 from services.cpahouse.settings import CpaHouseConnection
@@ -68,11 +68,13 @@ class Relay:
     def conn(self, **over: object) -> CpaHouseConnection:
         return connection(base_url=self.url, **over)
 
-    async def deliver(self, ev: CloudEvent, conn: CpaHouseConnection | None = None) -> Outcome:
+    async def deliver(
+        self, ev: CloudEvent, conn: CpaHouseConnection | None = None, *, replay: bool = False
+    ) -> Outcome:
         conn = conn or self.conn()
         action = conn.events[ev.event_name]
         key = idempotency_key("cpahouse", conn.name, action, ev.id)
-        steps = Steps(self.ledger, key, conn.name, target="cpahouse")
+        steps = Steps(self.ledger, key, conn.name, target="cpahouse", replay=replay)
         return await deliverer(SOURCE, conn, self.transport)(action, ev, key, steps)
 
     async def lead(self, conn_name: str, lead_key: str) -> str | None:
@@ -240,14 +242,25 @@ async def test_a_503_is_retryable_and_the_retry_sends_the_lead(
     assert await relay.lead("cpahouse", f"{OFFER}:1842") == "1"
 
 
-async def test_a_dropped_connection_is_retryable_and_nothing_is_remembered(
+async def test_a_dropped_connection_leaves_the_lead_in_doubt_never_sent_twice(
     relay: Relay, sandbox: CpaHouseSandbox
 ) -> None:
+    # CPA.House may have made the lead before the connection dropped: a second send could double it.
     sandbox.add_fault({"mode": "drop"})
-    out = await relay.deliver(event(client()))
-    assert out.kind is OutcomeKind.RETRYABLE
+    ev = event(client())
+    out = await relay.deliver(ev)
+    assert out.kind is OutcomeKind.PERMANENT
+    assert out.reason.startswith("in doubt")
+    assert out.hint is not None
+    assert f"relay dlq replay --event-id {ev.id}" in out.hint
     assert sandbox.leads == []
-    assert await relay.lead("cpahouse", f"{OFFER}:1842") is None
+    assert await relay.lead("cpahouse", f"{OFFER}:1842") == PENDING  # in doubt for every later event too
+    assert (await relay.deliver(ev)).reason.startswith("in doubt")  # the retry sends nothing
+    assert len(sandbox.requests) == 1
+    # The operator found no lead in CPA.House and replays the dead letter: one lead.
+    assert (await relay.deliver(ev, replay=True)).ok
+    assert len(sandbox.leads) == 1
+    assert await relay.lead("cpahouse", f"{OFFER}:1842") == "1"
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from services.common.config import DeliverySettings, Settings
 from services.common.delivery.offsets import PartitionOffsets
@@ -390,8 +391,8 @@ class DeliveryRuntime:
                 IN_FLIGHT.labels(self.target.name).inc()
                 try:
                     steps = Steps(self.ledger, key, job.conn_id, target=self.target.name,
-                                  failpoints=self.settings.failpoints)  # fmt: skip
-                    outcome = await self.target.deliver(job, event, key, steps)
+                                  failpoints=self.settings.failpoints, replay=replay)  # fmt: skip
+                    outcome = await self._deliver(job, event, key, steps)
                 finally:
                     IN_FLIGHT.labels(self.target.name).dec()
             elapsed = time.perf_counter() - t0
@@ -429,6 +430,17 @@ class DeliveryRuntime:
                         retry_in_s=round(delay, 3))  # fmt: skip
             if await self._wait_or_park(due, lane, key, job, event, kafka_key, parked, replay):
                 return False
+
+    async def _deliver(self, job: Job, event: CloudEvent, key: str, steps: Steps) -> Outcome:
+        """The target's attempt; a bug in it fails this delivery (a dead letter), never its whole lane."""
+        try:
+            return await self.target.deliver(job, event, key, steps)
+        except (SQLAlchemyError, OSError):
+            raise  # the ledger is unavailable: the lane stops and its events are read again
+        except Exception as e:
+            log.exception("the target's deliverer failed; the event goes to the dead-letter topic",
+                          target=self.target.name, event_id=event.id, action=job.action)  # fmt: skip
+            return Outcome.permanent(f"the relay could not build or send this delivery: {type(e).__name__}")
 
     async def _wait_or_park(
         self, due: datetime, lane: _Lane, key: str, job: Job, event: CloudEvent, kafka_key: str,

@@ -10,7 +10,7 @@ for a Klientiks client or visit and a hash of what was last sent, for later even
 from __future__ import annotations
 
 from services.common.failpoints import hit
-from services.common.ledger import Entity, Ledger
+from services.common.ledger import PENDING, Entity, Ledger
 
 
 class Steps:
@@ -28,9 +28,12 @@ class Steps:
         *,
         target: str = "",
         failpoints: frozenset[str] = frozenset(),
+        replay: bool = False,
     ) -> None:
         self._ledger, self.key, self.connection = ledger, idempotency_key, connection
         self._target, self._failpoints = target, failpoints
+        # An operator's replay of a dead letter: a create left in doubt is theirs to send again.
+        self.replay = replay
         self._done: dict[str, str] | None = None  # read on first use: single-step targets never pay for it
 
     async def result(self, step: str) -> str | None:
@@ -46,6 +49,24 @@ class Steps:
         hit(f"{self._target}.step.{step}.kept", self._failpoints)
         if self._done is not None:
             self._done[step] = result
+
+    async def claim(self, kind: str, klientiks_id: str) -> None:
+        """Mark the entity's create as sent (durable), before a create the target cannot dedupe goes out.
+
+        Until :meth:`remember` (the target's answer) or :meth:`release` (it made nothing), the entity is
+        :attr:`~services.common.ledger.Entity.pending` for every delivery of the connection: if the process
+        dies meanwhile, the target may have made the object, and no later event makes a second one.
+        """
+        await self._ledger.remember_entity(self.connection, kind, klientiks_id, PENDING, None)
+
+    async def release(self, kind: str, klientiks_id: str) -> None:
+        """The target answered that the create made nothing: the entity may be created again."""
+        await self._ledger.forget_entity(self.connection, kind, klientiks_id)
+
+    async def known(self, kind: str, klientiks_id: str) -> Entity | None:
+        """:meth:`entity`, where a pending create counts as absent on an operator's replay (theirs to resend)."""
+        found = await self.entity(kind, klientiks_id)
+        return None if found is not None and found.pending and self.replay else found
 
     async def entity(self, kind: str, klientiks_id: str) -> Entity | None:
         """The target's id for a Klientiks ``kind`` ("client", "order", ...) of this connection, if known.
