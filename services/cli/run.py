@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -275,7 +275,7 @@ def run(
                 console.print(f"  curl http://127.0.0.1:{ports['sandbox-cpahouse']}/_sandbox/leads")
             console.print()
         if demo and settings.sources:
-            _send_demo(ingest_url, settings.sources[0].token.get_secret_value(), 5)
+            _send_story(ingest_url, settings, 1)
         code = asyncio.run(_live_view(settings.database_url, supervisor, broker_proc))
     except KeyboardInterrupt:
         pass
@@ -356,13 +356,97 @@ def _send_demo(base_url: str, token: str, count: int) -> None:
     console.print(table)
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+# What each target's sandbox holds of one demo client's story: (control path, count of its effects).
+_STORY: dict[str, tuple[str, Callable[[list[dict[str, Any]], str, str, str], str]]] = {
+    "maxma": ("/_sandbox/orders", lambda orders, cid, vid, click: next(
+        (f"order {o['orderId']} {o['status']}, {o['collectedBonuses']} bonuses" for o in orders
+         if o["orderId"].endswith(f":{vid}")), "")),
+    "cpahouse": ("/_sandbox/leads", lambda leads, cid, vid, click: next(
+        (f"lead {lead['id']} (sub_id_1 {cid})" for lead in leads if lead.get("sub_id_1") == cid), "")),
+    "weeek": ("/_sandbox/deals", lambda deals, cid, vid, click: next(
+        (f"deal \"{d['title']}\" {d.get('winStatus') or 'open'}" for d in deals
+         if str(d.get("description", "")).endswith(f"№{vid}")), "")),
+    "plarin": ("/_sandbox/postbacks", lambda posts, cid, vid, click: next(
+        (f"postback click_id={p['params'].get('click_id')} value={p['params'].get('value')}" for p in posts
+         if p["params"].get("click_id") == click), "")),
+}  # fmt: skip
+
+
+def _send_story(base_url: str, settings: Settings, count: int) -> None:
+    """A client's whole story per demo client: created, booked (from an ad), confirmed, paid; then what each
+    target's sandbox holds of it."""
+    from services.sandbox.samples import client_params
+
+    source = settings.sources[0]
+    token = source.token.get_secret_value()
+    if source.klientiks is None:
+        err.print("[red]the demo story needs the source's Klientiks API (the sandbox of `relay run`)[/red]")
+        raise typer.Exit(2)
+    klientiks = source.klientiks.base_url.removesuffix("/clientix/Restapi")
+    sandboxes = {
+        spec.name: _origin(str(getattr(conn, spec.url_key)))
+        for spec in (targets.get(n) for n in targets.names())
+        for _, conn in targets.connections(settings, spec)
+    }
+    hook = f"{base_url}/hooks/klientiks/{token}"
+    stories: list[tuple[str, str, str]] = []
+    with httpx.Client(timeout=10) as http:
+        for i in range(count):
+            params = client_params(int(time.time()) % 100_000 * 10 + i)
+            kl = http.post(f"{klientiks}/_sandbox/clients", json={
+                "account_id": source.klientiks.account_id, "phone": params["client_phone"],
+                "first_name": params["client_first_name"], "second_name": params["client_second_name"],
+                "patron_name": params["client_patron_name"], "email": params["client_email"]}).json()  # fmt: skip
+            cid = str(kl["id"])
+            http.get(f"{hook}/client-created", params={**params, "client_id": cid})
+            start = datetime.now().replace(second=0, microsecond=0) + timedelta(days=1)
+            visit = http.post(f"{klientiks}/_sandbox/appointments", json={
+                "account_id": source.klientiks.account_id, "client_id": int(cid),
+                "start_datetime": start.isoformat(), "services": ["Стрижка женская", "Укладка"]}).json()  # fmt: skip
+            vid = str(visit["id"])
+            click = f"demo{cid}x{vid}"
+            http.get(f"{hook}/appointment-created", params={
+                "client_id": cid, "client_phone": params["client_phone"], "client_name": params["client_name"],
+                "appointment_id": vid, "appointment_date": f"{start:%d.%m.%Y}", "appointment_time": f"{start:%H:%M}",
+                "services": "Стрижка женская, Укладка", "appointment_total_cost": "3300", "yclid": click})  # fmt: skip
+            http.get(f"{hook}/appointment-changed", params={"appointment_id": vid, "status": "confirmed"})
+            http.get(f"{hook}/visit-paid", params={
+                "client_id": cid, "appointment_id": vid, "appointment_account_id": source.klientiks.account_id,
+                "appointment_status": "finished", "appointment_paid": "1", "yclid": click})  # fmt: skip
+            stories.append((cid, vid, click))
+        console.print(
+            f"sent {count} client stories (created, booked from an ad, confirmed, paid); waiting for them"
+        )
+        table = Table("Klientiks client", *sandboxes)
+        deadline = time.monotonic() + 30
+        rows: list[list[str]] = []
+        while time.monotonic() < deadline:
+            state = {n: http.get(url + _STORY[n][0]).json() for n, url in sandboxes.items() if n in _STORY}
+            rows = [[cid, *(_STORY[n][1](state.get(n, []), cid, vid, click) if n in _STORY else "" for n in sandboxes)]
+                    for cid, vid, click in stories]  # fmt: skip
+            if all(all(cells[1:]) for cells in rows):
+                break
+            time.sleep(0.5)
+        for cells in rows:
+            table.add_row(*(c or "[yellow]not yet[/yellow]" for c in cells))
+    console.print(table)
+
+
 def demo(
     base_url: Annotated[
         str, typer.Option(help="Base URL of the running ingest API.")
     ] = "http://127.0.0.1:8080",
-    count: Annotated[int, typer.Option(help="How many client-created webhooks.")] = 5,
+    count: Annotated[int, typer.Option(help="How many demo clients.")] = 2,
+    clients_only: Annotated[
+        bool, typer.Option("--clients-only", help='Only "Добавление клиента" webhooks, no visits.')
+    ] = False,
 ) -> None:
-    """Send sample "Добавление клиента" webhooks to a running `relay run`."""
+    """Send demo clients' stories (created, booked, confirmed, paid) to a running `relay run`; show each target's."""
     settings = read_settings() if os.environ.get("RELAY_CONFIG") else None
     if settings is None:
         demo_cfg = STATE / "demo.yaml"
@@ -370,4 +454,7 @@ def demo(
             err.print("[red]no RELAY_CONFIG and no .relay/demo.yaml: start `relay run` first[/red]")
             raise typer.Exit(2)
         settings = load_settings(demo_cfg)
-    _send_demo(base_url, settings.sources[0].token.get_secret_value(), count)
+    if clients_only:
+        _send_demo(base_url, settings.sources[0].token.get_secret_value(), count)
+    else:
+        _send_story(base_url, settings, count)
