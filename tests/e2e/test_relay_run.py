@@ -161,6 +161,19 @@ def _event_row(db: Path, event_id: str) -> tuple[str | None] | None:
         return row
 
 
+def test_issue11_relay_demo_tells_a_clients_whole_story_through_all_four_targets(run: Run) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    demo = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--base-url", run.url("ingest-api"), "--count", "1"],
+        cwd=run.cwd, env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    out = demo.stdout
+    assert "not yet" not in out, out
+    for shown in ("confirmed", "lead ", "won", "postback click_id=", "value=3300.00"):
+        assert shown in out, out
+
+
 def test_part7_ledger_is_private_and_the_phone_index_keyed(run: Run) -> None:
     assert stat.S_IMODE(run.state.stat().st_mode) == 0o700
     for name in ("relay.db", "relay.db-wal", "relay.db-shm"):
