@@ -447,8 +447,10 @@ def target_connections(settings: Settings, target: str, model: type[M]) -> Itera
             if conn.target != target or not conn.enabled:
                 continue
             try:
-                # Unset keys (None) take the target model's defaults, e.g. its default `events`.
-                found.append((source, model.model_validate(conn.model_dump(exclude_none=True))))
+                # Keys not written take the target model's defaults (e.g. its `events`); a key written as
+                # null stays null (e.g. Weeek's `description: null` turns the description off).
+                data = {**conn.model_dump(exclude_unset=True), "target": conn.target, "name": conn.name}
+                found.append((source, model.model_validate(data)))
             except ValidationError as e:
                 where = f"sources[{si}].connections[{ci}]"
                 problems.extend(validation_problems(e, where, allowed=list(model.model_fields)))

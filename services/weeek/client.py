@@ -86,7 +86,8 @@ class WeeekClient:
         return await self._call("POST", "/crm/contacts", body, key=key, entity="contact", what="contacts")
 
     async def update_contact(self, contact_id: str, body: dict[str, Any], *, key: str) -> Outcome:
-        return await self._call("PUT", f"/crm/contacts/{contact_id}", body, key=key, entity="contact",
+        # PATCH changes only the fields sent: what this event does not carry stays as it was.
+        return await self._call("PATCH", f"/crm/contacts/{contact_id}", body, key=key, entity="contact",
                                 what=f"contact {contact_id}")  # fmt: skip
 
     async def create_deal(self, status_id: str, body: dict[str, Any], *, key: str) -> Outcome:

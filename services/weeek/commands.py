@@ -67,6 +67,8 @@ def _table(title: str, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> 
     from services.cli.render import cell, console
 
     table = Table(*columns, title=title)
+    table.columns[0].no_wrap = True  # an id is copied into the config: never cut it short
+    table.columns[0].min_width = max((len(str(r.get(columns[0], ""))) for r in rows), default=2)
     for row in rows:
         table.add_row(*(cell(row.get(c)) for c in columns))
     console.print(table)

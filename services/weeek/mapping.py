@@ -50,7 +50,10 @@ def contact_body(event: CloudEvent) -> dict[str, Any]:
     if client is None:
         raise MappingError("the event has no client")
     first = client.first_name or client.full_name
-    if not first or len(first) > NAME_MAX:
+    if first and len(first) > NAME_MAX:
+        raise MappingError(f"the client's name is over {NAME_MAX} characters, the most a contact's firstName takes",
+                           "add client_first_name={{first_name}} to the Klientiks webhook template")  # fmt: skip
+    if not first:
         raise MappingError("the client has no name for the contact's firstName",
                            "add client_first_name={{first_name}} to the Klientiks webhook template")  # fmt: skip
     body: dict[str, Any] = {"firstName": first}

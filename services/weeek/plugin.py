@@ -47,19 +47,27 @@ class _Weeek:
             return Outcome.permanent(str(e), hint=e.hint)
         return Outcome.permanent(f"unknown Weeek action {action!r}")
 
-    async def contact(self, event: CloudEvent, key: str, steps: Steps) -> tuple[str | None, Outcome]:
-        """The client's contact: from the map (updated if the data changed), else created."""
+    async def contact(
+        self, event: CloudEvent, key: str, steps: Steps, *, update: bool = True
+    ) -> tuple[str | None, Outcome]:
+        """The client's contact: from the map (updated if the event's data changed, when ``update``), else created.
+
+        A deal's saga uses a known contact as it is: a booking carries less of the client than the client
+        event did, and must not thin the contact out.
+        """
         client = mapping.client_id(event)
-        body = mapping.contact_body(event)
-        sent = mapping.fingerprint(body)
         made = await steps.result("contact")
         known = await steps.known("client", client)
         if made is not None:  # made by this delivery's earlier attempt
             if known is None or known.target_id != made:
-                await steps.remember("client", client, made, sent)
+                await steps.remember("client", client, made, mapping.fingerprint(mapping.contact_body(event)))
             return made, Outcome.success("contact created in an earlier attempt", target_ref=made)
         if known is not None and known.pending:
             return None, _doubt("the contact", event)
+        if known is not None and not update:
+            return known.target_id, Outcome.success("the client has a contact", target_ref=known.target_id)
+        body = mapping.contact_body(event)
+        sent = mapping.fingerprint(body)
         if known is None:
             await steps.claim("client", client)
             out = await self.api.create_contact(body, key=f"{key}/contact")
@@ -107,7 +115,7 @@ class _Weeek:
         if known is None or known.target_id != deal:
             await steps.remember("visit", visit, deal)
         if event.data.client is not None and event.data.client.id and await steps.result("link") is None:
-            contact, out = await self.contact(event, key, steps)
+            contact, out = await self.contact(event, key, steps, update=False)
             if contact is None:
                 return None, out
             out = await self.api.link_contact(deal, contact, key=f"{key}/link")
@@ -124,7 +132,7 @@ class _Weeek:
         for field, kind in (
             ("title", "visit-title"),
             ("amount", "visit-amount"),
-            ("winStatus", "visit-status"),
+            ("winStatus", "visit-win"),
         ):
             if field in patch:
                 last = await steps.entity(kind, visit)
@@ -137,7 +145,7 @@ class _Weeek:
             for field, kind in (
                 ("title", "visit-title"),
                 ("amount", "visit-amount"),
-                ("winStatus", "visit-status"),
+                ("winStatus", "visit-win"),
             ):
                 if field in changed:
                     await steps.remember(kind, visit, str(changed[field]))
@@ -153,8 +161,6 @@ class _Weeek:
         out = await self._patch(steps, visit, deal, mapping.change_patch(event, self.conn), f"{key}/update")
         if not out.ok:
             return out
-        if lost:
-            return await self._patch(steps, visit, deal, {"winStatus": LOST}, f"{key}/lost")
         if to is not None:
             current = await steps.entity("visit-status", visit)
             if current is None or current.target_id != to:
@@ -162,6 +168,8 @@ class _Weeek:
                 if not out.ok:
                     return out
                 await steps.remember("visit-status", visit, to)
+        if lost:
+            return await self._patch(steps, visit, deal, {"winStatus": LOST}, f"{key}/lost")
         return Outcome.success(target_ref=deal)
 
     async def paid(self, event: CloudEvent, key: str, steps: Steps) -> Outcome:

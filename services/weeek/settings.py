@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from services.common import fieldtemplate
 from services.common.events import EventName
@@ -65,6 +65,21 @@ class WeeekConnection(BaseModel):
             raise ValueError("; ".join(problems))
         return v
 
+    @field_validator("description")
+    @classmethod
+    def _no_description(cls, v: str | None) -> str | None:
+        return v or None  # `description: ""` turns it off
+
+    @model_validator(mode="after")
+    def _fits(self) -> WeeekConnection:
+        for event, action in self.events.items():
+            if event not in ACTION_EVENTS[action]:
+                allowed = ", ".join(sorted(e.value for e in ACTION_EVENTS[action]))
+                raise ValueError(
+                    f"events.{event.value}: {action} takes only {allowed}; fix: map it elsewhere"
+                )
+        return self
+
     @field_validator("lost_statuses")
     @classmethod
     def _statuses(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -73,4 +88,9 @@ class WeeekConnection(BaseModel):
     @field_validator("status_map")
     @classmethod
     def _status_map(cls, v: dict[str, str]) -> dict[str, str]:
-        return {k.strip().casefold(): s for k, s in v.items()}
+        for status, target in v.items():
+            if not target.strip() or len(target) > 64:
+                raise ValueError(
+                    f"status_map.{status}: a Weeek status id (`relay weeek statuses --funnel ID`)"
+                )
+        return {k.strip().casefold(): s.strip() for k, s in v.items()}
