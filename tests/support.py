@@ -199,6 +199,10 @@ def role_env(config: Path, bootstrap: str, database_url: str, **extra: str) -> d
         RELAY_LOG_FORMAT="json",
         RELAY_TEST_SOURCE_TOKEN=SOURCE_TOKEN,
         RELAY_TEST_MAXMA_KEY=MAXMA_KEY,
+        # Tansu lets a consumer join its group in session_timeout_ms / 2, and a killed member holds its
+        # partitions that long: a short session keeps every start and every kill short.
+        RELAY_KAFKA__SESSION_TIMEOUT_MS="3000",
+        RELAY_KAFKA__HEARTBEAT_INTERVAL_MS="600",
         **{f"RELAY_DELIVERY__{k.upper()}": str(v) for k, v in FAST_DELIVERY.items()},
     )
     env.update(extra)

@@ -474,6 +474,18 @@ class _WriteQueue:
             self._task = asyncio.create_task(self._drain())
         return await fut
 
+    def submit_nowait(self, kind: str, **args: Any) -> None:
+        """Queue a write for the next group commit without waiting for it (a failure is logged by the drain).
+
+        For what may be lost to a crash at no cost but a repeated call; the writes queued after it (the
+        delivery's record) commit in the same transaction or a later one.
+        """
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)  # retrieved: no warning
+        self._ops.append(_Op(kind, args, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+
     async def _drain(self) -> None:
         try:
             while self._ops:
@@ -660,13 +672,13 @@ class Ledger:
             rows = await conn.execute(select(_ST.c.step, _ST.c.result).where(_ST.c.idempotency_key == key))
             return {r.step: r.result for r in rows}
 
+    async def flush(self) -> None:
+        """Wait until every write queued so far (awaited or not) is committed."""
+        await self._writes.submit("flush")
+
     async def finish_step(self, key: str, step: str, result: str) -> None:
         """Keep a finished step's result; committed before returning, so the next step may be sent."""
-        row = dict(idempotency_key=key, step=step, result=result, finished_at=datetime.now(UTC))
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                self._upsert(_ST, ["idempotency_key", "step"], ["result", "finished_at"]), [row]
-            )
+        await self._writes.submit("step", key=key, step=step, result=result)
 
     async def entity(self, connection: str, kind: str, klientiks_id: str) -> Entity | None:
         q = select(_EN.c.target_id, _EN.c.content_hash).where(
@@ -677,25 +689,21 @@ class Ledger:
             return Entity(row.target_id, row.content_hash) if row else None
 
     async def remember_entity(
-        self, connection: str, kind: str, klientiks_id: str, target_id: str, content_hash: str | None
-    ) -> None:
-        row = dict(connection=connection, kind=kind, klientiks_id=klientiks_id, target_id=target_id,
-                   content_hash=content_hash, updated_at=datetime.now(UTC))  # fmt: skip
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                self._upsert(
-                    _EN, ["connection", "kind", "klientiks_id"], ["target_id", "content_hash", "updated_at"]
-                ),
-                [row],
-            )
+        self, connection: str, kind: str, klientiks_id: str, target_id: str, content_hash: str | None,
+        *, wait: bool = True,
+    ) -> None:  # fmt: skip
+        """Keep the target's id (and what was sent) for an entity; committed before returning if ``wait``."""
+        args = dict(connection=connection, entity_kind=kind, klientiks_id=klientiks_id, target_id=target_id,
+                    content_hash=content_hash)  # fmt: skip
+        if wait:
+            await self._writes.submit("entity", **args)
+        else:
+            self._writes.submit_nowait("entity", **args)
 
     async def forget_entity(self, connection: str, kind: str, klientiks_id: str) -> None:
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                delete(_EN).where(
-                    _EN.c.connection == connection, _EN.c.kind == kind, _EN.c.klientiks_id == klientiks_id
-                )
-            )
+        await self._writes.submit(
+            "forget", connection=connection, entity_kind=kind, klientiks_id=klientiks_id
+        )
 
     # -- records waiting for the Klientiks API (the normalizer) ----------------------------------------
 
@@ -857,6 +865,13 @@ class Ledger:
             )  # fmt: skip
         if unparks := by_kind.get("unpark"):
             await conn.execute(delete(_P).where(_P.c.idempotency_key.in_([o.args["key"] for o in unparks])))
+        if steps := by_kind.get("step"):
+            await conn.execute(
+                self._upsert(_ST, ["idempotency_key", "step"], ["result", "finished_at"]),
+                [dict(idempotency_key=o.args["key"], step=o.args["step"], result=o.args["result"], finished_at=now)
+                 for o in steps],
+            )  # fmt: skip
+        await self._apply_entities(conn, [o for o in ops if o.kind in ("entity", "forget")], now)
         if events := by_kind.get("event"):
             ins = (postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert)(_E)
             outcome = (
@@ -878,6 +893,27 @@ class Ledger:
                 dict(record_id=o.args["record_id"], kafka_key=o.args["kafka_key"], record=o.args["record"],
                      spooled_at=now) for o in spools
             ])  # fmt: skip
+
+    async def _apply_entities(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+        """Entity writes and forgets in the order they came (a claim, then its release, may share a batch)."""
+        upsert = self._upsert(
+            _EN, ["connection", "kind", "klientiks_id"], ["target_id", "content_hash", "updated_at"]
+        )
+        run: list[_Op] = []
+        for i, op in enumerate(ops):
+            run.append(op)
+            if i + 1 < len(ops) and ops[i + 1].kind == op.kind:
+                continue
+            if op.kind == "entity":
+                await conn.execute(upsert, [dict(connection=o.args["connection"], kind=o.args["entity_kind"],
+                                                 klientiks_id=o.args["klientiks_id"], target_id=o.args["target_id"],
+                                                 content_hash=o.args["content_hash"], updated_at=now) for o in run])  # fmt: skip
+            else:
+                for o in run:
+                    await conn.execute(delete(_EN).where(
+                        _EN.c.connection == o.args["connection"], _EN.c.kind == o.args["entity_kind"],
+                        _EN.c.klientiks_id == o.args["klientiks_id"]))  # fmt: skip
+            run = []
 
     async def _apply_begins(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
         rows = [

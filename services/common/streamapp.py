@@ -38,4 +38,6 @@ def worker_routes(
                 )
         return AsgiResponse(b"ready", 200)
 
-    return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", make_asgi_app())]
+    metrics = make_asgi_app()
+    # `/metrics/` too: the FastAPI roles mount it there, and every scrape config uses the one path.
+    return [("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics), ("/metrics/", metrics)]

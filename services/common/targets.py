@@ -77,6 +77,12 @@ def register(spec: TargetSpec) -> None:
     add_target_name(spec.name)
 
 
+def unregister(name: str) -> None:
+    """Forget a target :func:`register` added (a test's); the product's targets stay."""
+    if name not in ENTRIES:
+        _specs.pop(name, None)
+
+
 def names() -> list[str]:
     """Every registered target, those of ``ENTRIES`` first."""
     return [*ENTRIES, *(n for n in _specs if n not in ENTRIES)]

@@ -120,6 +120,8 @@ def status_outcome(status: int, headers: httpx.Headers) -> Outcome | None:
         http_status=status,
         retry_after=parse_retry_after(headers.get("retry-after")),
         throttle=failure.throttle,
+        # A gateway that gave up waiting for the vendor (504) had passed the request on: it may have acted.
+        maybe_sent=status == 504,
     )
 
 

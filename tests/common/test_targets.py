@@ -3,6 +3,7 @@ SQLite, and its connections are checked by `relay config check` with its own mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -53,9 +54,11 @@ PROBE = targets.TargetSpec(
 
 
 @pytest.fixture(autouse=True)
-def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
+def _registered(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     targets.register(PROBE)
     monkeypatch.setenv("REGISTRY_TOKEN", TOKEN)
+    yield
+    targets.unregister(PROBE.name)  # later tests (the deploy files) see the product's targets only
 
 
 def _config(tmp_path: Path, connection: str) -> Path:

@@ -77,6 +77,16 @@ class Steps:
         return await self._ledger.entity(self.connection, kind, klientiks_id)
 
     async def remember(
-        self, kind: str, klientiks_id: str, target_id: str, content_hash: str | None = None
+        self,
+        kind: str,
+        klientiks_id: str,
+        target_id: str,
+        content_hash: str | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
-        await self._ledger.remember_entity(self.connection, kind, klientiks_id, target_id, content_hash)
+        """Keep the target's id for an entity. ``wait=False`` rides on the next group commit unawaited: for
+        what a crash may lose at no cost but a repeated call (a fingerprint that only spares an update)."""
+        await self._ledger.remember_entity(
+            self.connection, kind, klientiks_id, target_id, content_hash, wait=wait
+        )
