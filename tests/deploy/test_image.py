@@ -32,9 +32,10 @@ from packaging.requirements import Requirement
 
 from services.common import config as config_module
 from services.common import targets
-from services.common.embedded import EmbeddedBroker, free_port
+from services.common.embedded import EmbeddedBroker
 from services.deploy import compose
 from services.deploy.roles import METRICS_PATH, roles, sandboxes
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_WORKDIR = "/"  # the final stage sets no WORKDIR

@@ -95,7 +95,7 @@ async def test_webhook_reaches_sandbox_maxma_exactly_once(stack: Stack) -> None:
     stack.roles.stop("maxma")
     stack.roles.start("maxma", "maxma")
     await stack.roles.ready("maxma")
-    await asyncio.sleep(4.0)  # a Tansu group join takes ~3 s; give the consumer time to (not) re-read
+    await asyncio.sleep(3.0)  # a Tansu group join takes session_timeout/2 (1.5 s here); time to (not) re-read
     assert len([q for q in stack.sandbox.requests if q.path == "/new-client"]) == 1
     assert len(stack.sandbox.clients) == 1
 

@@ -194,7 +194,7 @@ def test_fuzzed_requests_no_5xx_and_only_accepted_ones_are_published(live: Live)
     with httpx.Client(base_url=live.url, timeout=30) as http:
         _fuzz(http=http, live=live, answers=answers)
     assert sum(answers.values()) == FUZZ_REQUESTS
-    assert answers.get(202, 0) > 1000  # the fuzz reached the publishing path, not only the 404s
+    assert answers.get(202, 0) > FUZZ_REQUESTS // 3  # the fuzz reached the publishing path, not only the 404s
     assert {400, 404} <= set(answers)
     records = asyncio.run(read_all(live.bootstrap, INBOX, expect=len(live.accepted) + 1, timeout=10))
     published = [InboxRecord.from_bytes(r.value).id for r in records]
