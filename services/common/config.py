@@ -46,7 +46,7 @@ def add_target_name(name: str) -> None:
 _REF = re.compile(r"\$\{(file:[^}]+|[A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Target-specific connection keys stay plain strings until the target's model types them; mask these in repr.
-_SECRET_KEY = re.compile(r"(key|token|secret|password)$", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(key|token|secret|password|postback_url)$", re.IGNORECASE)
 MIN_TOKEN_LENGTH = 16
 # The phone index key: `relay token` makes 32 characters (192 random bits).
 MIN_PHONE_KEY_LENGTH = 32
