@@ -8,9 +8,9 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 WEBHOOKS = Counter(
     "relay_webhooks_received_total",
-    "Webhook requests by event and outcome (accepted, spooled, not_found, too_large, bad_request, rate_limited, "
-    "unavailable, length_required, timeout, disconnected).",
-    ["event", "outcome"],
+    "Webhook requests by source, event and outcome (accepted, spooled, not_found, too_large, bad_request, "
+    "rate_limited, unavailable, length_required, timeout, disconnected); an unknown token's source is 'unknown'.",
+    ["source", "event", "outcome"],
 )
 INGEST_REFUSED = Counter(
     "relay_ingest_connections_refused_total",

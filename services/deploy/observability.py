@@ -787,27 +787,28 @@ def alerts() -> list[Alert]:
         ),
         Alert(
             "RelayNoWebhooks",
-            f"sum by (event) (\n  {grew(ACCEPTED, '1d')}\n)\nunless on (event)\n"
-            f"sum by (event) (\n  {grew(ACCEPTED, f'{QUIET_HOURS}h')}\n)",
+            f"sum by (source, event) (\n  {grew(ACCEPTED, '1d')}\n)\nunless on (source, event)\n"
+            f"sum by (source, event) (\n  {grew(ACCEPTED, f'{QUIET_HOURS}h')}\n)",
             "30m",
             "warning",
-            "No {{ $labels.event }} webhook for " + f"{QUIET_HOURS} hours",
-            f"Webhooks of {{{{ $labels.event }}}} came in the last day, but none was accepted in the last "
-            f"{QUIET_HOURS} hours: a Klientiks URL template may be broken or removed (or the salons were "
-            "closed).",
+            "No {{ $labels.event }} webhook from {{ $labels.source }} for " + f"{QUIET_HOURS} hours",
+            f"Webhooks of {{{{ $labels.event }}}} came from source {{{{ $labels.source }}}} in the last day, but "
+            f"none was accepted in the last {QUIET_HOURS} hours: that salon's Klientiks URL template may be "
+            "broken or removed (or the salon was closed).",
             # One group for both: promtool evaluates every rule each minute, and a day of that takes seconds.
             Case(
                 {
-                    # The last visit-paid came at 1h: quiet for 12 hours at 13h.
-                    f'{WEBHOOKS}{{event="visit-paid",outcome="accepted"}}': "0+5x2 10x40",
-                    # Keeps coming: quiet.
-                    f'{WEBHOOKS}{{event="client-created",outcome="accepted"}}': "0+5x40",
+                    # The last visit-paid of salon came at 1h: quiet for 12 hours at 13h.
+                    f'{WEBHOOKS}{{source="salon",event="visit-paid",outcome="accepted"}}': "0+5x2 10x40",
+                    # Another salon's visit-paid keeps coming: quiet.
+                    f'{WEBHOOKS}{{source="center",event="visit-paid",outcome="accepted"}}': "0+5x40",
+                    f'{WEBHOOKS}{{source="salon",event="client-created",outcome="accepted"}}': "0+5x40",
                     # Flat since Prometheus first saw it: nothing says it came in the last day.
-                    f'{WEBHOOKS}{{event="online-booking",outcome="accepted"}}': "_x20 3x20",
+                    f'{WEBHOOKS}{{source="salon",event="online-booking",outcome="accepted"}}': "_x20 3x20",
                     **_up(values="1x40"),
                 },
                 "14h",
-                ({"event": "visit-paid", "$value": ""},),
+                ({"source": "salon", "event": "visit-paid", "$value": ""},),
                 before="13h",
                 interval="30m",
             ),

@@ -253,11 +253,11 @@ def create_api(
         started = time.perf_counter()
         source = directory.find(token)
         if source is None or event not in EVENTS:
-            WEBHOOKS.labels("unknown", "not_found").inc()
+            WEBHOOKS.labels("unknown", "unknown", "not_found").inc()
             raise _not_found()
         wait = limits[source.name].try_take()
         if wait:
-            WEBHOOKS.labels(event, "rate_limited").inc()
+            WEBHOOKS.labels(source.name, event, "rate_limited").inc()
             return JSONResponse(
                 {"detail": f"source {source.name!r} is over its webhook rate limit; retry later"},
                 status_code=429,
@@ -265,14 +265,14 @@ def create_api(
             )
         query = request.url.query
         if len(query) > MAX_QUERY:
-            WEBHOOKS.labels(event, "too_large").inc()
+            WEBHOOKS.labels(source.name, event, "too_large").inc()
             raise HTTPException(414, f"the query string is over {MAX_QUERY} bytes")
-        body = await _read_body(request, event, body_timeout_s)
+        body = await _read_body(request, source.name, event, body_timeout_s)
         content_type = request.headers.get("content-type")
         try:
             pairs = request_params(query, content_type, body)
         except ParamsError as e:
-            WEBHOOKS.labels(event, "bad_request").inc()
+            WEBHOOKS.labels(source.name, event, "bad_request").inc()
             raise HTTPException(400, str(e)) from None
         record = InboxRecord.build(
             id=new_event_id(),
@@ -290,15 +290,15 @@ def create_api(
                 record.id, routing_key(source.name, Params.of(pairs, ROUTING)).encode(), record.to_bytes()
             )
         except Unavailable:
-            WEBHOOKS.labels(event, "unavailable").inc()
+            WEBHOOKS.labels(source.name, event, "unavailable").inc()
             log.error("webhook refused: Kafka and the spool are both down", source=source.name,
                       webhook=event, event_id=record.id)  # fmt: skip
             raise HTTPException(503, "the event store is unavailable; retry later") from None
         if outcome == "published":
             INBOX_PUBLISH_LATENCY.observe(time.perf_counter() - t0)
-            WEBHOOKS.labels(event, "accepted").inc()
+            WEBHOOKS.labels(source.name, event, "accepted").inc()
         else:
-            WEBHOOKS.labels(event, "spooled").inc()
+            WEBHOOKS.labels(source.name, event, "spooled").inc()
         elapsed = time.perf_counter() - started
         WEBHOOK_LATENCY.labels(event).observe(elapsed)
         if _log_level.isEnabledFor(logging.INFO) or not _levels_filtered_first():
@@ -332,18 +332,18 @@ def create_api(
     return app
 
 
-async def _read_body(request: Request, event: str, timeout_s: float) -> bytes:
+async def _read_body(request: Request, source: str, event: str, timeout_s: float) -> bytes:
     headers = request.headers
     declared = headers.get("content-length")
     if declared is None and "transfer-encoding" not in headers:
         # Without either header an HTTP/1.1 request has no body, and whatever the client sent as one is
         # read as the next request: a POST would be published without its parameters, then answered 400.
         if request.method == "POST":
-            WEBHOOKS.labels(event, "length_required").inc()
+            WEBHOOKS.labels(source, event, "length_required").inc()
             raise HTTPException(411, "a POST needs Content-Length or Transfer-Encoding: chunked", _CLOSE)
         return b""
     if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        WEBHOOKS.labels(event, "too_large").inc()
+        WEBHOOKS.labels(source, event, "too_large").inc()
         raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
     chunks, size = [], 0
     try:
@@ -351,16 +351,16 @@ async def _read_body(request: Request, event: str, timeout_s: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > MAX_BODY:
-                    WEBHOOKS.labels(event, "too_large").inc()
+                    WEBHOOKS.labels(source, event, "too_large").inc()
                     raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        WEBHOOKS.labels(event, "timeout").inc()
+        WEBHOOKS.labels(source, event, "timeout").inc()
         INGEST_REFUSED.labels("body_timeout").inc()
         log.info("webhook body too slow", webhook=event, received=size, timeout_s=timeout_s)
         raise HTTPException(408, f"the body did not arrive within {timeout_s:g} s", _CLOSE) from None
     except ClientDisconnect:
-        WEBHOOKS.labels(event, "disconnected").inc()
+        WEBHOOKS.labels(source, event, "disconnected").inc()
         INGEST_DISCONNECTS.labels("body").inc()
         log.info("client disconnected before the end of the body", webhook=event, received=size)
         # Nobody reads this answer; nginx's "client closed request" says what happened.

@@ -115,5 +115,7 @@ async def test_health_and_metrics(api: httpx.AsyncClient) -> None:
     assert (await api.get("/healthz")).text == "ok"
     await api.get(f"/hooks/klientiks/{TOKEN}/client-created?client_id=3")
     metrics = (await api.get("/metrics/")).text
-    assert 'relay_webhooks_received_total{event="client-created",outcome="accepted"}' in metrics
+    assert (
+        'relay_webhooks_received_total{event="client-created",outcome="accepted",source="salon"}' in metrics
+    )
     assert TOKEN not in metrics

@@ -216,7 +216,9 @@ async def test_slow_headers_and_silent_connections_are_408_and_closed(port: int)
 
 
 async def test_a_slow_body_is_408_and_nothing_is_published(port: int, broker: EmbeddedBroker) -> None:
-    before = _sample("relay_webhooks_received_total", event="client-created", outcome="timeout")
+    before = _sample(
+        "relay_webhooks_received_total", source="salon", event="client-created", outcome="timeout"
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         _request("POST", headers="Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n")
@@ -225,7 +227,11 @@ async def test_a_slow_body_is_408_and_nothing_is_published(port: int, broker: Em
     raw = await _read_to_eof(reader, BODY_TIMEOUT + 2)
     writer.close()
     assert _statuses(raw) == [408]
-    assert _sample("relay_webhooks_received_total", event="client-created", outcome="timeout") - before == 1
+    assert (
+        _sample("relay_webhooks_received_total", source="salon", event="client-created", outcome="timeout")
+        - before
+        == 1
+    )
     assert await _published_before_marker(port, broker.bootstrap_servers) == []
 
 

@@ -54,7 +54,9 @@ async def test_a_stopped_broker_means_spooled_202s_published_in_order_when_it_is
         serve_app(create_api(_settings(kafka, db_url))) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
-        spooled_before = _sample("relay_webhooks_received_total", event="client-created", outcome="spooled")
+        spooled_before = _sample(
+            "relay_webhooks_received_total", source="salon", event="client-created", outcome="spooled"
+        )
         first = await http.get(_hook(1))
         assert first.status_code == 202
         broker.stop()
@@ -69,7 +71,9 @@ async def test_a_stopped_broker_means_spooled_202s_published_in_order_when_it_is
         assert "spool ok" in ready.text
         assert _sample("relay_ingest_spool_depth") == 10
         assert (
-            _sample("relay_webhooks_received_total", event="client-created", outcome="spooled")
+            _sample(
+                "relay_webhooks_received_total", source="salon", event="client-created", outcome="spooled"
+            )
             == spooled_before + 10
         )
 
@@ -186,7 +190,7 @@ async def test_rate_limit_is_per_token_and_says_when_to_come_back(
     settings = _settings(kafka, url_db, rate_limit_per_s=0.5, rate_limit_burst=3)
     async with serve_app(create_api(settings, migrate=True)) as url, httpx.AsyncClient(base_url=url) as http:
         limited_before = _sample(
-            "relay_webhooks_received_total", event="client-created", outcome="rate_limited"
+            "relay_webhooks_received_total", source="salon", event="client-created", outcome="rate_limited"
         )
         codes = [(await http.get(_hook(i))).status_code for i in range(4)]
         assert codes == [202, 202, 202, 429]
@@ -197,7 +201,12 @@ async def test_rate_limit_is_per_token_and_says_when_to_come_back(
         # Another source's token has its own bucket.
         assert (await http.get(_hook(1, token=OTHER))).status_code == 202
         assert (
-            _sample("relay_webhooks_received_total", event="client-created", outcome="rate_limited")
+            _sample(
+                "relay_webhooks_received_total",
+                source="salon",
+                event="client-created",
+                outcome="rate_limited",
+            )
             == limited_before + 2
         )
     recs = await read_all(kafka.bootstrap_servers, INBOX, expect=5, timeout=3)
