@@ -40,7 +40,7 @@ async def _inbox_until(bootstrap: str, ids: list[str]) -> list[InboxRecord]:
     """The inbox up to the point every one of ``ids`` is there (a timed-out send may add copies)."""
     wanted = set(ids)
     recs = await read_all(
-        bootstrap, INBOX, expect=0, timeout=20,
+        bootstrap, INBOX, expect=0, timeout=45,  # the spool backs off up to 5 s between tries
         done=lambda rs: wanted <= {InboxRecord.from_bytes(r.value).id for r in rs},
     )  # fmt: skip
     return [InboxRecord.from_bytes(r.value) for r in recs]
