@@ -17,10 +17,11 @@ from urllib.parse import urlsplit
 import httpx
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from services.cli.configcmd import print_urls, to_yaml
 from services.cli.options import read_settings
-from services.cli.render import console, err
+from services.cli.render import cell, console, err
 from services.common import targets
 from services.common.config import Settings, load_settings
 from services.common.display import safe_text
@@ -433,7 +434,8 @@ def _send_story(base_url: str, settings: Settings, count: int) -> None:
                 break
             time.sleep(0.5)
         for cells in rows:
-            table.add_row(*(c or "[yellow]not yet[/yellow]" for c in cells))
+            # What the sandboxes hold came in by webhook: shown escaped, never as markup.
+            table.add_row(*(cell(c) if c else Text("not yet", style="yellow") for c in cells))
     console.print(table)
 
 

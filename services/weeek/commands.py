@@ -9,6 +9,7 @@ import asyncio
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.text import Text
 
 if TYPE_CHECKING:
     from services.weeek.settings import WeeekConnection
@@ -55,9 +56,9 @@ def _list(conn: WeeekConnection, path: str, entity: str) -> list[dict[str, Any]]
     try:
         return asyncio.run(run())
     except RuntimeError as e:
-        from services.cli.render import err
+        from services.cli.render import err, why
 
-        err.print(f"[red]{e}[/red]")
+        err.print(Text(why(e), style="red"))  # Weeek's own message, escaped
         raise typer.Exit(1) from None
 
 
