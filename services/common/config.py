@@ -258,6 +258,8 @@ class Settings(BaseSettings):
     failpoints: frozenset[str] = frozenset()
     # HMAC key of the ledger's phone index; unset: events are not findable by phone (nothing weaker is kept).
     phone_hash_key: SecretStr | None = None
+    # gc.freeze() once a role has started (services/common/heap.py); off only to measure what it does.
+    gc_freeze: bool = True
     sources: list[SourceConfig] = Field(default_factory=list)
 
     @classmethod

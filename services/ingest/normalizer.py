@@ -32,6 +32,7 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from services.common import heap
 from services.common.config import Settings
 from services.common.events import CloudEvent
 from services.common.kafka import (
@@ -213,10 +214,9 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         watch.started()
         try:
             outs = [route(r.value, r.key, settings) for r in records]
-            await _drop_repeats(outs)
-            live = [o for o in outs if o.duplicate_of is None]
             # History first: an event on the topic is always findable with `relay events show`.
-            await _write_history(outs)
+            await _keep(outs)
+            live = [o for o in outs if o.duplicate_of is None]
             held, refused = await _hold_back(live)
             await _write_history(refused)  # their new outcome
             await _publish([o for o in live if not o.waits])
@@ -235,16 +235,24 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
             if not o.waits:
                 _account(o)
 
-    async def _drop_repeats(outs: list[_Out]) -> None:
+    async def _keep(outs: list[_Out]) -> None:
+        """Claim the batch's fingerprints and keep its history: one transaction for the batch.
+
+        If it fails while the ledger is up, the claim runs alone and the history one record at a time,
+        which finds the records at fault.
+        """
         window = settings.ingest.dedupe_window_s
         seen = [o.seen for o in outs if o.seen is not None]
-        if not window or not seen:
+        try:
+            repeats = await ledger.intake(seen, [o.history for o in outs if o.history], window_s=window)
+        except Exception as e:
+            if not await ledger.ping():
+                raise
+            log.warning("event history refused a batch; writing it one record at a time", error=repr(e)[:300])
+            _mark_repeats(outs, await ledger.claim_fingerprints(seen, window_s=window) if window else {})
+            await _write_history(outs, one_by_one=True)
             return
-        repeats = await ledger.claim_fingerprints(seen, window_s=window)
-        for o in outs:
-            if o.event_id in repeats and o.history is not None:
-                o.duplicate_of = repeats[o.event_id]
-                o.history["duplicate_of"] = o.duplicate_of
+        _mark_repeats(outs, repeats)
 
     def _thin(o: _Out) -> bool:
         return (
@@ -293,16 +301,19 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
             waiting.any = True
         return bool(held), refused
 
-    async def _write_history(outs: list[_Out]) -> None:
+    async def _write_history(outs: list[_Out], *, one_by_one: bool = False) -> None:
         """One transaction for the batch; if it fails, one record at a time finds the records at fault."""
         rows = [o for o in outs if o.history]
-        try:
-            await asyncio.gather(*(ledger.add_event(**o.history) for o in rows if o.history))
-            return
-        except Exception as e:
-            if not await ledger.ping():
-                raise
-            log.warning("event history refused a batch; writing it one record at a time", error=repr(e)[:300])
+        if not one_by_one:
+            try:
+                await asyncio.gather(*(ledger.add_event(**o.history) for o in rows if o.history))
+                return
+            except Exception as e:
+                if not await ledger.ping():
+                    raise
+                log.warning(
+                    "event history refused a batch; writing it one record at a time", error=repr(e)[:300]
+                )
         for o in rows:
             assert o.history is not None
             try:
@@ -392,7 +403,11 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         producers.append(producer)
         background.append(asyncio.create_task(waiting.run(), name="normalizer-waiting"))
 
+    async def started() -> None:
+        heap.freeze(settings.gc_freeze)
+
     async def shutdown() -> None:
+        heap.unfreeze(settings.gc_freeze)
         for t in background:
             t.cancel()
         await waiting.stop()
@@ -408,6 +423,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         broker,
         asgi_routes=worker_routes(broker, [("database", ledger.ping)], progress=[watch, waiting.watch]),
         on_startup=[startup],
+        after_startup=[started],
         after_shutdown=[shutdown],
     )
 
@@ -476,6 +492,13 @@ class _Waiting:
         for t in list(self._keys.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+
+def _mark_repeats(outs: list[_Out], repeats: dict[str, str]) -> None:
+    for o in outs:
+        if o.event_id in repeats and o.history is not None:
+            o.duplicate_of = repeats[o.event_id]
+            o.history["duplicate_of"] = o.duplicate_of
 
 
 def _account(o: _Out) -> None:
