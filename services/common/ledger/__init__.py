@@ -17,9 +17,11 @@ from services.common.ledger.core import (
 from services.common.ledger.deliveries import Deliveries, Delivery
 from services.common.ledger.engine import MIGRATIONS, alembic_config, make_engine, migrate, upgrade
 from services.common.ledger.entities import PENDING, Entity, EntityMap
+from services.common.ledger.erasure import Erasure
 from services.common.ledger.history import EventRecord
 from services.common.ledger.ingest import SPOOL_LOCK, WAITING_LOCK, Intake, Seen, Spooled, Waiting
 from services.common.ledger.parked import Parked, ParkedDeliveries
+from services.common.ledger.retention import Retention
 from services.common.ledger.schema import SETTLED, Base, DedupeRow, DeliveryStatus
 
 __all__ = [
@@ -51,5 +53,5 @@ __all__ = [
 ]
 
 
-class Ledger(Deliveries, ParkedDeliveries, EntityMap, Intake):
+class Ledger(Deliveries, ParkedDeliveries, EntityMap, Intake, Retention, Erasure):
     """Idempotency, history and parked deliveries. One instance per process; safe for concurrent tasks."""
