@@ -6,9 +6,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaProducer
 from hypothesis import given
 from hypothesis import strategies as st
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 
 from services.common.config import KafkaSettings, Settings
 from services.common.kafka import EVENTS, INBOX
@@ -190,3 +193,34 @@ async def test_identical_webhooks_through_the_api_land_on_one_partition(
         by_key.setdefault(r.key, set()).add(r.partition)
     assert len(by_key) == 5
     assert all(len(parts) == 1 for parts in by_key.values())
+
+
+def _history(event_id: str, inbox: str = "{}") -> dict[str, object]:
+    return dict(
+        id=event_id, source="salon", event="client-created", received_at=T0, client_id="42", phone=None,
+        kafka_key="salon:42", inbox=inbox, normalized=None, quarantine_reason=None,
+    )  # fmt: skip
+
+
+async def test_a_batch_is_claimed_and_kept_in_one_transaction_with_its_repeats_marked(ledger: Ledger) -> None:
+    commits: list[int] = []
+    event.listen(ledger.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    batch = [_seen("A", "e1", T0), _seen("A", "e2", T0 + timedelta(seconds=1)), _seen("B", "e3", T0)]
+    repeats = await ledger.intake(batch, [_history(s.event_id) for s in batch], window_s=WINDOW)
+    assert repeats == {"e2": "e1"}
+    assert len(commits) == 1
+    assert [(await ledger.event(i)).duplicate_of for i in ("e1", "e2", "e3")] == [None, "e1", None]  # type: ignore[union-attr]
+    # Without a window nothing is claimed or marked; the history is still kept.
+    assert await ledger.intake([_seen("A", "e4", T0)], [_history("e4")], window_s=0) == {}
+    assert (await ledger.event("e4")) is not None
+    assert await ledger.claim_fingerprints([_seen("A", "e5", T0)], window_s=WINDOW) == {"e5": "e1"}
+
+
+async def test_a_history_the_database_refuses_takes_the_batch_claim_with_it(ledger: Ledger) -> None:
+    if ledger.dialect != "postgresql":
+        pytest.skip("SQLite stores a NUL; PostgreSQL refuses it, as it would a row of a real batch")
+    with pytest.raises(DBAPIError):
+        await ledger.intake([_seen("A", "e1", T0)], [_history("e1", inbox="\x00")], window_s=WINDOW)
+    # Nothing of the batch stayed: the claim is not there to make its retry a repeat of itself.
+    assert await ledger.event("e1") is None
+    assert await ledger.claim_fingerprints([_seen("A", "e2", T0)], window_s=WINDOW) == {}
