@@ -1,15 +1,16 @@
 """``relay``: every process role and operator command. The one place that imports more than one service.
 
 One module per command group: ``roles`` (the long-running processes and ``db``), ``run`` (the local run and
-``demo``), ``events``, ``dlq``, ``quarantine``, ``configcmd`` (config, urls, token, docs); ``options``,
-``render`` and ``topics`` are what they share. Services are imported inside the commands that need them.
+``demo``), ``events``, ``ledgercmd`` (``relay ledger``), ``dlq``, ``quarantine``, ``configcmd`` (config, urls,
+token, docs); ``options``, ``render`` and ``topics`` are what they share. Services are imported inside the
+commands that need them.
 """
 
 from __future__ import annotations
 
 import typer
 
-from services.cli import configcmd, deploycmd, dlq, events, quarantine, roles, run
+from services.cli import configcmd, deploycmd, dlq, events, ledgercmd, quarantine, roles, run
 from services.cli.run import ROLES
 from services.common import targets
 
@@ -40,6 +41,7 @@ app.add_typer(deploycmd.deploy_app, name="deploy")
 app.add_typer(configcmd.config_app, name="config")
 app.add_typer(dlq.dlq_app, name="dlq")
 app.add_typer(events.events_app, name="events")
+app.add_typer(ledgercmd.ledger_app, name="ledger")
 app.add_typer(quarantine.quarantine_app, name="quarantine")
 
 

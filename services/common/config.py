@@ -240,6 +240,45 @@ class IngestSettings(Strict):
     max_connections: int = Field(1000, ge=1)
 
 
+# The events topic and the dead-letter topics keep records this long (services/common/kafka.py): an idempotency
+# key purged sooner could let a redelivered or replayed event reach its target twice.
+REPLAYABLE_DAYS = 30.0
+
+
+class RetentionSettings(Strict):
+    """How long the ledger keeps each kind of row, in days (null: for ever), and how the purge runs."""
+
+    # `events`: the raw webhook request and what it was normalized to (by `received_at`).
+    events_days: float | None = Field(30.0, gt=0)
+    # `delivery_attempts` (by `started_at`): vendor answers, errors.
+    attempts_days: float | None = Field(90.0, gt=0)
+    # Settled `deliveries` (delivered or failed; by `updated_at`), with their attempts and steps: the
+    # idempotency keys. For ever by default: a key must live as long as the target's object does.
+    deliveries_days: float | None = Field(None, gt=0)
+    # `entity_map` (by `updated_at`): the target's id of a client or visit; never an in-doubt create.
+    entities_days: float | None = Field(None, gt=0)
+    # How often the normalizer purges, and rows per transaction (short locks on SQLite and PostgreSQL).
+    interval_s: float = Field(3600.0, gt=0)
+    batch: int = Field(1000, ge=1, le=10_000)  # the ledger's MAX_PURGE_BATCH: one bound parameter a row
+
+    @field_validator("events_days", "attempts_days", "deliveries_days", "entities_days", mode="before")
+    @classmethod
+    def _forever(cls, v: Any) -> Any:
+        # An environment variable cannot be YAML's null: `RELAY_RETENTION__EVENTS_DAYS=null` (or empty) is.
+        return None if isinstance(v, str) and v.strip().lower() in {"", "null", "none"} else v
+
+    @field_validator("deliveries_days")
+    @classmethod
+    def _keys_outlive_replays(cls, v: float | None) -> float | None:
+        if v is not None and v < REPLAYABLE_DAYS:
+            raise ValueError(
+                f"deliveries_days must be at least {REPLAYABLE_DAYS:g}: Kafka keeps events and dead letters that "
+                "long, and one replayed after its idempotency key is gone reaches the target twice; "
+                f"fix: use {REPLAYABLE_DAYS:g} or more, or null to keep the keys"
+            )
+        return v
+
+
 class Settings(BaseSettings):
     """Process settings: the YAML file first, ``RELAY_*`` variables override (``RELAY_KAFKA__BOOTSTRAP_SERVERS``)."""
 
@@ -251,6 +290,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     delivery: DeliverySettings = DeliverySettings()
     ingest: IngestSettings = IngestSettings()
+    retention: RetentionSettings = RetentionSettings()
     database_url: str = "sqlite+aiosqlite:///relay.db"
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from services.common.config import TARGETS, KafkaSettings
 
@@ -31,19 +31,39 @@ DEFAULT_PARTITIONS: dict[str, int] = {INBOX: 6, EVENTS: 12, QUARANTINE: 1} | {
 }
 
 
+DAY_MS = 24 * 3600 * 1000
+# Days each topic keeps its records (retention.ms), matched to the ledger's retention (docs/operations.md,
+# "Retention"): the events topic as long as the event history (retention.events_days); the inbox a week (the
+# history keeps every request after that); quarantine and dead letters the time an operator has to act.
+RETENTION_DAYS: dict[str, int] = {INBOX: 7, EVENTS: 30, QUARANTINE: 30}
+DLQ_RETENTION_DAYS = 30
+
+
+def retention_ms(topic: str) -> int:
+    """``retention.ms`` of one of the relay's topics (any topic not named above is a dead-letter topic)."""
+    return RETENTION_DAYS.get(topic, DLQ_RETENTION_DAYS) * DAY_MS
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
     partitions: int
+    retention_ms: int
+
+    @property
+    def configs(self) -> dict[str, str]:
+        """The topic's configs as CreateTopics takes them."""
+        return {"retention.ms": str(self.retention_ms), "cleanup.policy": "delete"}
 
 
 def topic_specs(settings: KafkaSettings) -> list[TopicSpec]:
     counts = DEFAULT_PARTITIONS | settings.partitions
-    return [TopicSpec(name, n) for name, n in counts.items()]
+    return [TopicSpec(name, n, retention_ms(name)) for name, n in counts.items()]
 
 
 async def ensure_topics(settings: KafkaSettings) -> None:
-    """Create every topic with its partition count; a plain publish would auto-create it with one."""
+    """Create every topic with its partition count and retention; a plain publish would auto-create it with
+    one partition and the broker's retention. An existing topic is left as it is."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=f"{settings.client_id}-admin",
@@ -53,16 +73,30 @@ async def ensure_topics(settings: KafkaSettings) -> None:
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(s.name, num_partitions=s.partitions, replication_factor=settings.replication_factor)
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=s.configs,
+            )
             for s in topic_specs(settings)
             if s.name not in existing
         ]
         if new:
             # Another process may win the race to create them.
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
+                _raise_refused(response.topic_errors)
     finally:
         await admin.close()
+
+
+def _raise_refused(topic_errors: list[tuple[Any, ...]]) -> None:
+    """CreateTopics answers per topic and aiokafka raises none of them: a refused config would go unseen."""
+    for name, code, *message in topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            detail = message[0] if message and message[0] else "no message"
+            raise for_code(code)(f"topic {name} not created: {detail}")
 
 
 def producer_options(settings: KafkaSettings) -> dict[str, Any]:

@@ -106,3 +106,18 @@ ENRICHED = Counter(
     "Thin webhooks completed from the Klientiks API, by outcome (enriched, not_found, backlog, ...).",
     ["event", "outcome"],
 )
+PURGED_ROWS = Counter(
+    "relay_ledger_purged_rows_total",
+    "Rows the retention purge removed from the ledger, by table (events, delivery_attempts, deliveries, "
+    "delivery_steps, entity_map, ingest_dedupe).",
+    ["table"],
+)
+PURGE_RUNS = Counter(
+    "relay_ledger_purge_runs_total",
+    "Background purges of the ledger by outcome (ok, failed); a replica that finds another purging counts none.",
+    ["outcome"],
+)
+PURGE_LAST_SUCCESS = Gauge(
+    "relay_ledger_purge_last_success_timestamp_seconds",
+    "When this process last finished a purge of the ledger (Unix time; 0: not yet).",
+)

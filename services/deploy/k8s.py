@@ -21,7 +21,7 @@ from pydantic_core import PydanticUndefined
 
 from services.common import targets
 from services.common.config import DeliverySettings
-from services.common.kafka import DEFAULT_PARTITIONS, EVENTS, INBOX
+from services.common.kafka import DEFAULT_PARTITIONS, retention_ms
 from services.deploy.roles import IMAGE, METRICS_PATH, Role, roles, topics
 
 ROOT = "deploy/k8s"
@@ -57,7 +57,6 @@ KAFKA_BOOTSTRAP_FQDN = f"{KAFKA_CLUSTER}-kafka-bootstrap.{NAMESPACE}.svc:{KAFKA_
 KAFKA_NODE_POOL = "dual"
 KAFKA_REPLICAS = 3
 MIN_INSYNC_REPLICAS = 2
-DAY_MS = 24 * 3600 * 1000
 POSTGRES_PORT = 5432
 
 # Where the cluster's add-ons run (the NetworkPolicies let them in); an overlay patches these if yours differ.
@@ -696,7 +695,6 @@ def kafka() -> str:
 
 
 def kafka_topic(topic: str) -> dict[str, Any]:
-    days = 7 if topic in (INBOX, EVENTS) else 30  # dead letters and quarantine wait for an operator
     return {
         "apiVersion": "kafka.strimzi.io/v1beta2",
         "kind": "KafkaTopic",
@@ -706,7 +704,7 @@ def kafka_topic(topic: str) -> dict[str, Any]:
             "partitions": partitions(topic),
             "replicas": KAFKA_REPLICAS,
             "config": {
-                "retention.ms": days * DAY_MS,
+                "retention.ms": retention_ms(topic),  # matched to the ledger's (docs/operations.md)
                 "min.insync.replicas": MIN_INSYNC_REPLICAS,
                 "cleanup.policy": "delete",
             },

@@ -21,6 +21,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common import metrics as m
+from services.common.config import RetentionSettings
 from services.common.kafka import EVENTS
 from services.deploy.roles import Role, roles
 
@@ -46,6 +47,8 @@ FAILURE_RATIO = 0.1  # dead letters / attempts of a target over 15 min
 FAILURE_MIN_ATTEMPTS = 10  # ... once it made at least this many attempts in those 15 min
 LAG_RECORDS = 1000  # a consumer group this far behind, and falling further behind
 QUIET_HOURS = 12  # no webhook of an event type this long, after some in the day before
+# The normalizer purges the ledger every retention.interval_s (default); no successful purge in this many.
+PURGE_FAILING_INTERVALS = 2
 
 
 def scrape_job(role: Role) -> str:
@@ -89,6 +92,9 @@ RATE_LIMIT_WAITS = total(m.RATE_LIMIT_WAITS)
 LAG = gauge(m.CONSUMER_LAG)
 STALLED = gauge(m.CONSUMER_STALLED)
 BATCH_FAILURES = total(m.CONSUMER_BATCH_FAILURES)
+PURGED = total(m.PURGED_ROWS)
+PURGE_RUNS = total(m.PURGE_RUNS)
+PURGE_LAST_SUCCESS = gauge(m.PURGE_LAST_SUCCESS)
 # FastStream's own metric of the normalizer's batches (KafkaPrometheusMiddleware, default prefix).
 FASTSTREAM_PROCESSED = "faststream_received_processed_messages_total"
 
@@ -262,6 +268,19 @@ OVERVIEW = Dashboard(
             "rate_limited, ...).",
             (q(rate(KLIENTIKS_REQUESTS, ("action", "outcome")), "{{action}} {{outcome}}"),),
             "reqps",
+        ),
+        Panel(
+            "Ledger rows purged per hour",
+            "Rows the normalizer's retention purge removed from the ledger, by table (retention.* settings; "
+            "docs/operations.md, Retention).",
+            (q(f"sum by (table) (increase({PURGED}[1h]))", "{{table}}"),),
+        ),
+        Panel(
+            "Hours since the last ledger purge",
+            "Since a normalizer last finished the retention purge; it runs every retention.interval_s "
+            "(an hour by default). See the RelayLedgerPurgeFailing alert.",
+            (q(f"(time() - max({PURGE_LAST_SUCCESS} > 0)) / 3600", "hours"),),
+            "h",
         ),
     ),
 )
@@ -556,6 +575,16 @@ UNAVAILABLE = f'{WEBHOOKS}{{outcome="unavailable"}}'
 OVERLOADED = f'{REFUSED}{{reason="too_many_connections"}}'
 
 
+PURGE_OK = f'{PURGE_RUNS}{{outcome="ok"}}'
+PURGE_FAILED = f'{PURGE_RUNS}{{outcome="failed"}}'
+
+
+def _duration(seconds: float) -> str:
+    """A PromQL duration: ``2h``, ``90m``, ``45s``."""
+    s = round(seconds)
+    return f"{s // 3600}h" if s % 3600 == 0 else f"{s // 60}m" if s % 60 == 0 else f"{s}s"
+
+
 def _lag(group: str, values: str) -> dict[str, str]:
     return {f'{LAG}{{group="{group}",topic="{EVENTS}",partition="0"}}': values}
 
@@ -565,6 +594,7 @@ def alerts() -> list[Alert]:
     ratio = f"{FAILURE_RATIO:g}"
     attempts = f'{DELIVERIES}{{outcome!="skipped"}}'
     every_role = {f'up{{job="{scrape_job(r)}",instance="{r.name}:{r.port}"}}': "1x20" for r in roles()}
+    purge_window = _duration(PURGE_FAILING_INTERVALS * RetentionSettings().interval_s)
     return [
         Alert(
             "RelayDeadLettersGrowing",
@@ -813,6 +843,40 @@ def alerts() -> list[Alert]:
                 interval="30m",
             ),
             None,
+        ),
+        Alert(
+            "RelayLedgerPurgeFailing",
+            f"sum(\n  {grew(PURGE_FAILED, purge_window)}\n) > 0\nunless on ()\n"
+            f"sum(\n  {grew(PURGE_OK, purge_window)}\n) > 0",
+            "15m",
+            "warning",
+            "The ledger's retention purge keeps failing",
+            f"About {{{{ $value | humanize }}}} runs of the normalizer's retention purge failed in the last "
+            f"{purge_window} and none succeeded: personal data past its retention stays in the ledger. "
+            "The normalizer's log has `ledger purge failed` with the cause.",
+            # Ten-minute samples, a purge an hour: the last success by 10m, failures by 70m and 140m.
+            Case(
+                {
+                    PURGE_OK: "0 1x40",
+                    PURGE_FAILED: "0x6 1x6 2x30",
+                    **_up("normalizer", "1x40"),
+                },
+                "160m",
+                ({"$value": "2"},),
+                before="130m",  # failing since 121m, not yet for 15 minutes
+                interval="10m",
+            ),
+            Case(
+                {
+                    # Every other run fails: a success is never two intervals old.
+                    PURGE_OK: "0 1x11 2x11 3x20",
+                    PURGE_FAILED: "0x6 1x11 2x30",
+                    **_up("normalizer", "1x40"),
+                },
+                "240m",
+                also_quiet_at=("180m", "300m"),
+                interval="10m",
+            ),
         ),
         Alert(
             "RelayProcessDown",

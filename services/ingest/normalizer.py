@@ -54,6 +54,7 @@ from services.common.metrics import (
     NORMALIZED,
     QUARANTINED,
 )
+from services.common.retention import Purger
 from services.common.stall import StallWatch
 from services.common.streamapp import worker_routes
 from services.ingest.dedupe import fingerprint, scope
@@ -402,6 +403,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         await producer.start()
         producers.append(producer)
         background.append(asyncio.create_task(waiting.run(), name="normalizer-waiting"))
+        background.append(asyncio.create_task(Purger(ledger, settings).run(), name="normalizer-purge"))
 
     async def started() -> None:
         heap.freeze(settings.gc_freeze)

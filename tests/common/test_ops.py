@@ -500,3 +500,166 @@ def test_dlq_list_shows_the_vendors_hint_and_an_opened_circuit() -> None:
     shown = console.export_text()
     assert "(hint: check shop_code)" in shown
     assert "circuit opened" in shown
+
+
+# events forget, end to end on a SQLite file and the embedded broker
+
+PARKED_KEY = idempotency_key("plarin", "plarin", "conversion", SHOWN.id)
+
+
+@pytest.fixture
+def forget_env(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The events of `ledger_env` and a parked delivery of SHOWN in a SQLite file; no broker yet."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'relay.db'}"
+
+    async def prepare() -> None:
+        await _fill_ledger(url)
+        ledger = Ledger.from_url(url)
+        try:
+            await ledger.begin(PARKED_KEY, event_id=SHOWN.id, source="salon", connection="plarin",
+                               target="plarin", action="conversion")  # fmt: skip
+            await ledger.park(PARKED_KEY, target="plarin", lane="plarin:salon/plarin:salon:1842", partition=0,
+                              due_at=NOW + timedelta(hours=1), reason="circuit", connection="salon/plarin",
+                              action="conversion", kafka_key="salon:1842", event=SHOWN.model_dump_json())  # fmt: skip
+        finally:
+            await ledger.close()
+
+    asyncio.run(prepare())
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    monkeypatch.setenv("RELAY_DATABASE_URL", url)
+    monkeypatch.setenv("RELAY_PHONE_HASH_KEY", PHONE_KEY)
+    monkeypatch.setenv("COLUMNS", "250")
+    return url
+
+
+@pytest.fixture
+def forget_broker(forget_env: str, broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> str:
+    """`forget_env` with a dead letter of SHOWN's client and one of OTHER's on the broker."""
+    bs = broker.bootstrap_servers
+    refused = Outcome.permanent("Maxma: client +79161234567 is blocked", http_status=400)
+    letters = [Letter(ev, "maxma", "maxma", "new-client", refused, NOW) for ev in (SHOWN, OTHER)]
+
+    async def prepare() -> None:
+        await ensure_topics(KafkaSettings(bootstrap_servers=bs, enable_idempotence=False))
+        await publish_letters(bs, letters)
+
+    asyncio.run(prepare())
+    monkeypatch.setenv("RELAY_KAFKA__BOOTSTRAP_SERVERS", bs)
+    return forget_env
+
+
+def _ledger_rows(url: str) -> dict[str, list[Any]]:
+    from sqlalchemy import text
+
+    async def read() -> dict[str, list[Any]]:
+        ledger = Ledger.from_url(url)
+        try:
+            async with ledger.engine.connect() as conn:
+                return {
+                    t: [tuple(r) for r in await conn.execute(text(f"SELECT * FROM {t} ORDER BY 1"))]
+                    for t in ("events", "deliveries", "delivery_attempts", "parked")
+                }
+        finally:
+            await ledger.close()
+
+    return asyncio.run(read())
+
+
+def test_cli_events_forget_dry_run_then_yes_erases_the_client(forget_broker: str) -> None:
+    before = _ledger_rows(forget_broker)
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--client-id", "1842", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "The ledger's rows of client 1842 of source salon" in out
+    assert "Would mask" in out
+    assert "1 event(s) of client id(s) 1842" in out
+    assert "1 parked delivery would be settled as failed (erased on request): it will not happen" in out
+    assert PARKED_KEY in out
+    assert "dry run: nothing was changed" in out
+    # The Kafka records of the client, and only them.
+    assert "Kafka records that hold the client" in out
+    assert "relay.maxma.dlq" in out
+    assert SHOWN.id in out
+    assert OTHER.id not in out
+    assert "dead letter maxma salon/maxma new-client" in out
+    assert "Do not replay them" in out
+    assert "klientiks.inbox.v1 (retention 7 d) and klientiks.events.v1 (30 d)" in out
+    for secret in ("9161234567", "Иванова", "anna.ivanova"):
+        assert secret not in out
+    assert _ledger_rows(forget_broker) == before
+
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--client-id", "1842"], input="n\n")
+    assert result.exit_code == 1
+    assert "Erase the personal data of client 1842 of source salon?" in result.output
+    assert _ledger_rows(forget_broker) == before
+
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--client-id", "1842", "--yes"])
+    assert result.exit_code == 0, result.output
+    # The event; the weeek delivery's error and its attempt's, the maxma attempt's; the parked delivery.
+    assert "erased: 6 row(s) masked or deleted" in result.output
+    assert "1 parked delivery was settled as failed" in result.output
+    assert "relay.maxma.dlq" in result.output
+    after = _ledger_rows(forget_broker)
+    assert after["parked"] == []
+    assert [r for r in after["events"] if r[0] == OTHER.id] == [
+        r for r in before["events"] if r[0] == OTHER.id
+    ]
+    assert "client_phone" not in str([r for r in after["events"] if r[0] == SHOWN.id])
+    assert "anna.ivanova" not in str(after["deliveries"]) + str(after["delivery_attempts"])
+    assert sum(1 for r in after["deliveries"] if "erased on request" in r) == 2
+
+    shown = runner.invoke(app, ["events", "show", SHOWN.id])
+    assert shown.exit_code == 0, shown.output
+    assert "personal data erased on request" in shown.output
+    assert "erased on request (`relay events forget`)" in shown.output
+    assert "client_phone" not in shown.output
+    assert "maxma salon/maxma new-client: delivered" in shown.output
+    assert "plarin salon/plarin conversion: failed" in shown.output
+    assert "2222000000001" in shown.output  # the target's id stays
+
+    again = runner.invoke(app, ["events", "forget", "--source", "salon", "--client-id", "1842", "--yes"])
+    assert again.exit_code == 0, again.output
+    assert "nothing left to erase" in again.output
+    assert _ledger_rows(forget_broker) == after
+
+
+def test_cli_events_forget_by_phone_masks_it_and_needs_the_key(
+    forget_broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--phone", "8 (916) 123-45-67",
+                                 "--dry-run"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "phone +7*******67 of source salon" in result.output
+    assert "1 event(s) of client id(s) 1842" in result.output
+    assert SHOWN.id in result.output
+    assert "9161234567" not in result.output
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--client-id", "999", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "nothing found in the ledger for client 999 of source salon" in result.output
+    assert "no dead letters or quarantined records hold the client" in result.output
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--phone", "12"])
+    assert result.exit_code == 2
+    assert "not a valid phone number of region RU" in result.output
+    result = runner.invoke(app, ["events", "forget", "--source", "salon"])
+    assert result.exit_code == 2
+    assert "give --client-id or --phone" in result.output
+    monkeypatch.delenv("RELAY_PHONE_HASH_KEY")
+    result = runner.invoke(app, ["events", "forget", "--source", "salon", "--phone", "79161234567", "--yes"])
+    assert result.exit_code == 2
+    assert "phone search needs the phone index key" in result.output
+
+
+def test_cli_events_forget_without_a_broker_erases_the_ledger_and_exits_3(
+    forget_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.common.embedded import free_port
+
+    monkeypatch.setenv("RELAY_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{free_port()}")
+    result = runner.invoke(
+        app, ["events", "forget", "--source", "salon", "--client-id", "1842", "--yes", "--timeout", "2"]
+    )
+    assert result.exit_code == 3, result.output
+    assert "erased: 6 row(s) masked or deleted" in result.output
+    assert "warning: cannot read the DLQ and quarantine topics" in result.output
+    assert "the ledger is erased" in result.output
+    assert _ledger_rows(forget_env)["parked"] == []

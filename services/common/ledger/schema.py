@@ -76,7 +76,7 @@ class AttemptRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
     number: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)  # the retention purge
     duration_ms: Mapped[float] = mapped_column(Float)
     outcome: Mapped[str] = mapped_column(String(16))
     http_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -157,7 +157,7 @@ class EntityRow(Base):
     klientiks_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     target_id: Mapped[str] = mapped_column(Text)
     content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)  # the retention purge
 
 
 class WaitingRow(Base):
