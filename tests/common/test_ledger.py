@@ -14,13 +14,16 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 
+from services.common.delivery.steps import Steps
 from services.common.ledger import (
+    PENDING,
     WAITING_LOCK,
     DeliveryStatus,
     Ledger,
     PhoneSearchUnavailable,
     Waiting,
     idempotency_key,
+    make_engine,
     upgrade,
 )
 from services.common.outcome import Outcome
@@ -302,3 +305,31 @@ async def test_finished_steps_and_the_entity_map_are_kept_and_updated(ledger: Le
     assert other is not None
     assert other.target_id == "c-1"  # per connection
     assert await ledger.entity("salon/weeek", "visit", "42") is None  # per kind
+
+
+async def test_a_claimed_create_is_kept_in_doubt_on_both_databases(ledger: Ledger) -> None:
+    steps = Steps(ledger, "cpahouse:salon/cpa:lead:e1", "salon/cpa", target="cpahouse")
+    await steps.claim("lead", "42")
+    claimed = await ledger.entity("salon/cpa", "lead", "42")
+    assert claimed is not None
+    assert claimed.pending
+    await steps.release("lead", "42")
+    assert await ledger.entity("salon/cpa", "lead", "42") is None
+
+
+async def test_upgrading_turns_an_old_in_doubt_marker_into_the_new_one(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path}/old.db"
+    engine = make_engine(url)
+    await upgrade(engine, "0007")
+    async with engine.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO entity_map VALUES ('salon/cpa', 'lead', '42', char(0) || 'pending', NULL, '2026-11-01')"
+        ))  # fmt: skip
+    await upgrade(engine)
+    await engine.dispose()
+    ledger = Ledger.from_url(url)
+    found = await ledger.entity("salon/cpa", "lead", "42")
+    await ledger.close()
+    assert found is not None
+    assert found.pending
+    assert found.target_id == PENDING

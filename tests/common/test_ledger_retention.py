@@ -110,7 +110,6 @@ async def seed(ledger: Ledger, now: datetime = NOW) -> None:
             dict(connection="salon/weeek", kind="client", klientiks_id=i, target_id=t, content_hash=None,
                  updated_at=at)
             for i, t, at in (("1", "W-1", old), ("2", PENDING, old), ("3", "W-3", ago(1, now=now)))
-            if t != PENDING or pending_storable(ledger)
         ])  # fmt: skip
         await conn.execute(insert(DEDUPE), [
             dict(fingerprint="fp-old", scope="salon/client/42", event_id="ev-old",
@@ -132,14 +131,8 @@ async def seed(ledger: Ledger, now: datetime = NOW) -> None:
         ])  # fmt: skip
 
 
-def pending_storable(ledger: Ledger) -> bool:
-    """PostgreSQL refuses the NUL in PENDING (a known problem of the claim itself): no such row there."""
-    return ledger.dialect != "postgresql"
-
-
 def remain(ledger: Ledger) -> dict[str, list[Any]]:
-    pending = [("2", PENDING)] if pending_storable(ledger) else []
-    return REMAIN | {"entity_map": [*pending, ("3", "W-3")]}
+    return REMAIN | {"entity_map": [("2", PENDING), ("3", "W-3")]}
 
 
 REMOVED = {

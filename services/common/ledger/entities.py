@@ -12,7 +12,8 @@ from services.common.ledger.core import LedgerCore, _Op
 from services.common.ledger.schema import ENTITIES
 
 # The target_id of an entity whose create was sent and not yet answered (services/common/delivery/steps.py).
-PENDING = "\x00pending"
+# No target's id has parentheses; no NUL either, which PostgreSQL's text refuses (migration 0008).
+PENDING = "(pending)"
 
 
 @dataclass(frozen=True)

@@ -102,10 +102,6 @@ class _ByAge:
 
 def _not_pending(dialect: str) -> ColumnElement[bool] | None:
     """An in-doubt create (the target may have the object) is an operator's to resolve, not the clock's."""
-    if dialect == "postgresql" and "\x00" in PENDING:
-        # PostgreSQL's text cannot hold the NUL of PENDING, nor take it as a parameter: no claim is stored
-        # there (the claim itself fails), so there is none to keep.
-        return None
     return ENTITIES.c.target_id != PENDING
 
 
