@@ -117,6 +117,7 @@ class LedgerCore:
         self._writes = _WriteQueue(engine, self._apply)
         # Without a key no phone index is written at all: an unkeyed digest would be the weakness again.
         self._phone_key = phone_key.get_secret_value().encode() if phone_key is not None else None
+        self._statements: dict[tuple[str, ...], Any] = {}  # statements are immutable: built once, reused
 
     @classmethod
     def from_url(cls, url: str, *, phone_key: SecretStr | None = None) -> Self:
@@ -149,11 +150,19 @@ class LedgerCore:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
     def _upsert(self, table: Table, index: list[str], update: list[str]) -> Any:
-        ins = self._insert(table)
-        return ins.on_conflict_do_update(index_elements=index, set_={c: ins.excluded[c] for c in update})
+        """INSERT ... ON CONFLICT DO UPDATE, built once: building ``excluded`` anew cost ~1 ms per batch."""
+        key = (table.name, "update", *index, "|", *update)
+        if (stmt := self._statements.get(key)) is None:
+            ins = self._insert(table)
+            stmt = ins.on_conflict_do_update(index_elements=index, set_={c: ins.excluded[c] for c in update})
+            self._statements[key] = stmt
+        return stmt
 
     def _insert_ignore(self, table: Table, index: str) -> Any:
-        return self._insert(table).on_conflict_do_nothing(index_elements=[index])
+        key = (table.name, "ignore", index)
+        if (stmt := self._statements.get(key)) is None:
+            stmt = self._statements[key] = self._insert(table).on_conflict_do_nothing(index_elements=[index])
+        return stmt
 
     async def _apply(self, conn: AsyncConnection, ops: list[_Op]) -> None:
         now = datetime.now(UTC)

@@ -44,7 +44,7 @@ def _private_sqlite_file(database: str | None) -> bool:
 
 
 def make_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_pre_ping=True)
+    engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         database = engine.url.database
         warned = False
