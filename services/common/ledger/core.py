@@ -11,15 +11,17 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from sqlalchemy import Table, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.common.ledger.engine import make_engine
+from services.common.ledger.engine import make_engine, make_write_engine
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -61,11 +63,8 @@ class _Op:
 class _WriteQueue:
     """Runs queued writes in one transaction each time the previous transaction is done."""
 
-    def __init__(
-        self, engine: AsyncEngine, apply: Callable[[AsyncConnection, list[_Op]], Awaitable[None]]
-    ) -> None:
-        self._engine = engine
-        self._apply = apply
+    def __init__(self, run: Callable[[list[_Op]], Awaitable[None]]) -> None:
+        self._run = run  # applies one batch in one transaction
         self._ops: list[_Op] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -93,8 +92,7 @@ class _WriteQueue:
             while self._ops:
                 batch, self._ops = self._ops[:MAX_BATCH], self._ops[MAX_BATCH:]
                 try:
-                    async with self._engine.begin() as conn:
-                        await self._apply(conn, batch)
+                    await self._run(batch)
                 except BaseException as e:
                     for op in batch:
                         if not op.future.done():
@@ -114,7 +112,12 @@ class LedgerCore:
 
     def __init__(self, engine: AsyncEngine, *, phone_key: SecretStr | None = None) -> None:
         self.engine = engine
-        self._writes = _WriteQueue(engine, self._apply)
+        self._write_engine = make_write_engine(engine)
+        # One thread: SQLite has one writer anyway, and the batches stay in the order they were made.
+        self._write_thread = (
+            ThreadPoolExecutor(1, "ledger-writes") if self._write_engine is not None else None
+        )
+        self._writes = _WriteQueue(self._commit)
         # Without a key no phone index is written at all: an unkeyed digest would be the weakness again.
         self._phone_key = phone_key.get_secret_value().encode() if phone_key is not None else None
         self._statements: dict[tuple[str, ...], Any] = {}  # statements are immutable: built once, reused
@@ -132,6 +135,9 @@ class LedgerCore:
         return phone_hash(e164, self._phone_key) if e164 and self._phone_key is not None else None
 
     async def close(self) -> None:
+        if self._write_thread is not None and self._write_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(self._write_thread, self._write_engine.dispose)
+            self._write_thread.shutdown()
         await self.engine.dispose()
 
     async def ping(self) -> bool:
@@ -164,11 +170,24 @@ class LedgerCore:
             stmt = self._statements[key] = self._insert(table).on_conflict_do_nothing(index_elements=[index])
         return stmt
 
-    async def _apply(self, conn: AsyncConnection, ops: list[_Op]) -> None:
+    async def _commit(self, batch: list[_Op]) -> None:
+        """One batch, one transaction: on SQLite in the writer thread, on PostgreSQL over asyncpg."""
+        if self._write_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._write_thread, self._commit_here, batch)
+        else:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(self._apply, batch)
+
+    def _commit_here(self, batch: list[_Op]) -> None:
+        assert self._write_engine is not None
+        with self._write_engine.begin() as conn:
+            self._apply(conn, batch)
+
+    def _apply(self, conn: Connection, ops: list[_Op]) -> None:
         now = datetime.now(UTC)
         by_kind: dict[str, list[_Op]] = {}
         for op in ops:
             by_kind.setdefault(_GROUP.get(op.kind, op.kind), []).append(op)
         for kind in WRITE_ORDER:
             if batch := by_kind.get(kind):
-                await getattr(self, f"_write_{kind}")(conn, batch, now)
+                getattr(self, f"_write_{kind}")(conn, batch, now)

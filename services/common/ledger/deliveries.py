@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from services.common.ledger.core import LedgerCore, _Op
 from services.common.ledger.schema import ATTEMPTS, DELIVERIES, STEPS, DeliveryStatus
@@ -147,17 +147,17 @@ class Deliveries(LedgerCore):
 
     # -- batched writes ------------------------------------------------------------------------------
 
-    async def _write_begin(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+    def _write_begin(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
         rows = [
             dict(idempotency_key=o.args["key"], event_id=o.args["event_id"], source=o.args["source"],
                  connection=o.args["connection"], target=o.args["target"], action=o.args["action"],
                  status=DeliveryStatus.PENDING.value, attempts=0, retry_base=0, created_at=now, updated_at=now)
             for o in ops
         ]  # fmt: skip
-        await conn.execute(self._insert_ignore(DELIVERIES, "idempotency_key"), rows)
+        conn.execute(self._insert_ignore(DELIVERIES, "idempotency_key"), rows)
         replays = [o.args["key"] for o in ops if o.args["replay"]]
         if replays:
-            await conn.execute(
+            conn.execute(
                 update(DELIVERIES)
                 .where(
                     DELIVERIES.c.idempotency_key.in_(replays),
@@ -168,15 +168,15 @@ class Deliveries(LedgerCore):
         keys = [o.args["key"] for o in ops]
         found = {
             r.idempotency_key: Delivery.of(r)
-            for r in await conn.execute(select(DELIVERIES).where(DELIVERIES.c.idempotency_key.in_(keys)))
+            for r in conn.execute(select(DELIVERIES).where(DELIVERIES.c.idempotency_key.in_(keys)))
         }
         for o in ops:
             o.args["result"] = found[o.args["key"]]
 
-    async def _write_record(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+    def _write_record(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
         keys = [o.args["key"] for o in ops]
         q = select(DELIVERIES).where(DELIVERIES.c.idempotency_key.in_(keys))
-        current = {r.idempotency_key: r for r in await conn.execute(q)}
+        current = {r.idempotency_key: r for r in conn.execute(q)}
         attempts, updates = [], []
         for o in ops:
             row, outcome = current[o.args["key"]], o.args["outcome"]
@@ -197,8 +197,8 @@ class Deliveries(LedgerCore):
             )  # fmt: skip
             updates.append(values)
             o.args["result"] = Delivery.of(_RowView({**row._asdict(), **values}))
-        await conn.execute(insert(ATTEMPTS), attempts)
-        await conn.execute(
+        conn.execute(insert(ATTEMPTS), attempts)
+        conn.execute(
             update(DELIVERIES).where(DELIVERIES.c.idempotency_key == bindparam("k")).values(
                 attempts=bindparam("attempts"), status=bindparam("status"), updated_at=bindparam("updated_at"),
                 delivered_at=bindparam("delivered_at"), http_status=bindparam("http_status"),
@@ -208,8 +208,8 @@ class Deliveries(LedgerCore):
             updates,
         )  # fmt: skip
 
-    async def _write_step(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await conn.execute(
+    def _write_step(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        conn.execute(
             self._upsert(STEPS, ["idempotency_key", "step"], ["result", "finished_at"]),
             [dict(idempotency_key=o.args["key"], step=o.args["step"], result=o.args["result"], finished_at=now)
              for o in ops],

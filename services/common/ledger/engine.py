@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.common.logging import get_logger
@@ -46,30 +46,48 @@ def _private_sqlite_file(database: str | None) -> bool:
 def make_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
-        database = engine.url.database
-        warned = False
-
-        # Before every new connection, not at engine creation: building a ledger must not create a file.
-        @event.listens_for(engine.sync_engine, "do_connect")
-        def _create_private(*_: Any) -> None:
-            nonlocal warned
-            if _private_sqlite_file(database) and not warned:
-                warned = True
-                log.warning("the ledger file is world-readable", path=database, fix=f"chmod 600 {database}*")
-
-        # Several processes share one file in the embedded run: WAL lets readers and a writer coexist.
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # Safe against process crashes; only a power loss can undo the last commits, and the
-            # targets' natural keys (Maxma externalId) still stop a second effect then.
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=10000")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
+        _sqlite_setup(engine.sync_engine)
     return engine
+
+
+def make_write_engine(engine: AsyncEngine) -> Engine | None:
+    """A synchronous engine on the same SQLite file, for the group commit's worker thread.
+
+    With aiosqlite every statement is a round trip to its thread (a begin's transaction took nine, 2.3 ms
+    of CPU); run whole in one thread, a transaction is one (0.9 ms). None for PostgreSQL, whose driver
+    is asynchronous, and for an in-memory database, which a second engine would not see.
+    """
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    sync = create_engine(url.set(drivername="sqlite"))
+    _sqlite_setup(sync)
+    return sync
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    database = engine.url.database
+    warned = False
+
+    # Before every new connection, not at engine creation: building a ledger must not create a file.
+    @event.listens_for(engine, "do_connect")
+    def _create_private(*_: Any) -> None:
+        nonlocal warned
+        if _private_sqlite_file(database) and not warned:
+            warned = True
+            log.warning("the ledger file is world-readable", path=database, fix=f"chmod 600 {database}*")
+
+    # Several processes share one file in the embedded run: WAL lets readers and a writer coexist.
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # Safe against process crashes; only a power loss can undo the last commits, and the
+        # targets' natural keys (Maxma externalId) still stop a second effect then.
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

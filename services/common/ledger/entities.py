@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from services.common.ledger.core import LedgerCore, _Op
 from services.common.ledger.schema import ENTITIES
@@ -57,7 +57,7 @@ class EntityMap(LedgerCore):
             "forget", connection=connection, entity_kind=kind, klientiks_id=klientiks_id
         )
 
-    async def _write_entity(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+    def _write_entity(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
         """Entity writes and forgets in the order they came (a claim, then its release, may share a batch)."""
         upsert = self._upsert(
             ENTITIES, ["connection", "kind", "klientiks_id"], ["target_id", "content_hash", "updated_at"]
@@ -68,12 +68,12 @@ class EntityMap(LedgerCore):
             if i + 1 < len(ops) and ops[i + 1].kind == op.kind:
                 continue
             if op.kind == "entity":
-                await conn.execute(upsert, [dict(connection=o.args["connection"], kind=o.args["entity_kind"],
+                conn.execute(upsert, [dict(connection=o.args["connection"], kind=o.args["entity_kind"],
                                                  klientiks_id=o.args["klientiks_id"], target_id=o.args["target_id"],
                                                  content_hash=o.args["content_hash"], updated_at=now) for o in run])  # fmt: skip
             else:
                 for o in run:
-                    await conn.execute(delete(ENTITIES).where(
+                    conn.execute(delete(ENTITIES).where(
                         ENTITIES.c.connection == o.args["connection"], ENTITIES.c.kind == o.args["entity_kind"],
                         ENTITIES.c.klientiks_id == o.args["klientiks_id"]))  # fmt: skip
             run = []

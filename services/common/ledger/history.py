@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from services.common.ledger.core import LedgerCore, PhoneSearchUnavailable, _Op, phone_hash
 from services.common.ledger.schema import EVENTS
@@ -86,11 +86,11 @@ class History(LedgerCore):
         async with self.engine.connect() as conn:
             return [EventRecord.of(r) for r in await conn.execute(q)]
 
-    async def _write_event(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await self._upsert_events(conn, (o.args for o in ops))
+    def _write_event(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        self._upsert_events(conn, (o.args for o in ops))
 
-    async def _upsert_events(self, conn: AsyncConnection, rows: Iterable[dict[str, Any]]) -> None:
+    def _upsert_events(self, conn: Connection, rows: Iterable[dict[str, Any]]) -> None:
         # The last of one id in this batch wins, as it would one transaction later.
         by_id = {r["id"]: {c: r[c] for c in _COLUMNS} for r in rows}
         if by_id:
-            await conn.execute(self._upsert(EVENTS, ["id"], list(_OUTCOME)), list(by_id.values()))
+            conn.execute(self._upsert(EVENTS, ["id"], list(_OUTCOME)), list(by_id.values()))

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from services.common.ledger.core import _Op
 from services.common.ledger.history import History
@@ -91,8 +91,8 @@ class Intake(History):
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(SPOOL))).scalar_one())
 
-    async def _write_spool(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await conn.execute(self._insert_ignore(SPOOL, "record_id"), [
+    def _write_spool(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        conn.execute(self._insert_ignore(SPOOL, "record_id"), [
             dict(record_id=o.args["record_id"], kafka_key=o.args["kafka_key"], record=o.args["record"],
                  spooled_at=now) for o in ops
         ])  # fmt: skip
@@ -113,13 +113,13 @@ class Intake(History):
         )  # fmt: skip
         return result
 
-    async def _write_intake(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
+    def _write_intake(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
         for o in ops:  # one per normalizer batch; several only when batches of two callers meet
-            repeats = await self._claim(conn, o.args["seen"], o.args["window_s"])
+            repeats = self._claim(conn, o.args["seen"], o.args["window_s"])
             for row in o.args["rows"]:
                 if row["id"] in repeats:
                     row["duplicate_of"] = repeats[row["id"]]
-            await self._upsert_events(conn, o.args["rows"])
+            self._upsert_events(conn, o.args["rows"])
             o.args["result"] = repeats
 
     async def claim_fingerprints(self, seen: Sequence[Seen], *, window_s: float) -> dict[str, str]:
@@ -132,16 +132,14 @@ class Intake(History):
         if not seen:
             return {}
         async with self.engine.begin() as conn:
-            return await self._claim(conn, seen, window_s)
+            return await conn.run_sync(self._claim, seen, window_s)
 
-    async def _claim(self, conn: AsyncConnection, seen: Sequence[Seen], window_s: float) -> dict[str, str]:
+    def _claim(self, conn: Connection, seen: Sequence[Seen], window_s: float) -> dict[str, str]:
         if not seen:
             return {}
         window = timedelta(seconds=window_s)
         repeats: dict[str, str] = {}
-        rows = await conn.execute(
-            select(DEDUPE).where(DEDUPE.c.fingerprint.in_({s.fingerprint for s in seen}))
-        )
+        rows = conn.execute(select(DEDUPE).where(DEDUPE.c.fingerprint.in_({s.fingerprint for s in seen})))
         known: dict[str, tuple[str, str, datetime]] = {
             r.fingerprint: (r.scope, r.event_id, r.received_at) for r in rows
         }
@@ -163,9 +161,9 @@ class Intake(History):
                         del known[fp]
                         changed.pop(fp, None)
         for scope, fp in superseded.items():
-            await conn.execute(delete(DEDUPE).where(DEDUPE.c.scope == scope, DEDUPE.c.fingerprint != fp))
+            conn.execute(delete(DEDUPE).where(DEDUPE.c.scope == scope, DEDUPE.c.fingerprint != fp))
         if changed:
-            await conn.execute(
+            conn.execute(
                 self._upsert(DEDUPE, ["fingerprint"], ["scope", "event_id", "received_at"]),
                 [dict(fingerprint=s.fingerprint, scope=s.scope, event_id=s.event_id, received_at=s.received_at)
                  for s in changed.values()],
@@ -175,7 +173,7 @@ class Intake(History):
         newest = max(s.received_at for s in seen)
         last = self._dedupe_forgotten_at
         if last is None or newest - last >= window / 10 or newest < last:
-            await conn.execute(delete(DEDUPE).where(DEDUPE.c.received_at < newest - 2 * window))
+            conn.execute(delete(DEDUPE).where(DEDUPE.c.received_at < newest - 2 * window))
             self._dedupe_forgotten_at = newest
         return repeats
 

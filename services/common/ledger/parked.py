@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from services.common.ledger.core import LedgerCore, _Op
 from services.common.ledger.schema import DELIVERIES, PARKED, DeliveryStatus
@@ -107,28 +107,28 @@ class ParkedDeliveries(LedgerCore):
 
     # -- batched writes ------------------------------------------------------------------------------
 
-    async def _write_park(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await conn.execute(self._insert_ignore(PARKED, "idempotency_key"), [
+    def _write_park(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        conn.execute(self._insert_ignore(PARKED, "idempotency_key"), [
             dict(idempotency_key=o.args["key"], target=o.args["target"], lane=o.args["lane"],
                  partition=o.args["partition"], due_at=o.args["due_at"], reason=o.args["reason"],
                  connection=o.args["connection"], action=o.args["action"], kafka_key=o.args["kafka_key"],
                  event=o.args["event"], replay=int(o.args["replay"]), parked_at=now)
             for o in ops
         ])  # fmt: skip
-        await conn.execute(
+        conn.execute(
             update(DELIVERIES)
             .where(DELIVERIES.c.idempotency_key == bindparam("k"))
             .values(status=DeliveryStatus.PARKED.value, updated_at=now),
             [{"k": o.args["key"]} for o in ops],
         )
 
-    async def _write_repark(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await conn.execute(
+    def _write_repark(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        conn.execute(
             update(PARKED)
             .where(PARKED.c.idempotency_key == bindparam("k"))
             .values(due_at=bindparam("due"), reason=bindparam("why")),
             [{"k": o.args["key"], "due": o.args["due_at"], "why": o.args["reason"]} for o in ops],
         )
 
-    async def _write_unpark(self, conn: AsyncConnection, ops: list[_Op], now: datetime) -> None:
-        await conn.execute(delete(PARKED).where(PARKED.c.idempotency_key.in_([o.args["key"] for o in ops])))
+    def _write_unpark(self, conn: Connection, ops: list[_Op], now: datetime) -> None:
+        conn.execute(delete(PARKED).where(PARKED.c.idempotency_key.in_([o.args["key"] for o in ops])))
