@@ -145,7 +145,6 @@ def _take_over_library_loggers() -> None:
         for handler in list(lib_logger.handlers):
             lib_logger.removeHandler(handler)
         lib_logger.propagate = True
-        lib_logger.setLevel(stdlib_logging.NOTSET)  # the root's level rules (a uvicorn.Config sets its own)
 
 
 def configure_logging(level: str = "INFO", fmt: Literal["auto", "json", "console"] = "auto") -> None:

@@ -56,6 +56,9 @@ def _isolated_logging() -> Iterator[None]:
         if isinstance(lg, logging.Logger) and name.split(".", 1)[0] in prefixes
     }
     structlog.contextvars.clear_contextvars()
+    # A clean slate: an in-process uvicorn of an earlier test (its Config's log_level) left these at WARNING.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()

@@ -204,7 +204,7 @@ def _history(event_id: str, inbox: str = "{}") -> dict[str, object]:
 
 async def test_a_batch_is_claimed_and_kept_in_one_transaction_with_its_repeats_marked(ledger: Ledger) -> None:
     commits: list[int] = []
-    event.listen(ledger.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    event.listen(ledger.write_engine, "commit", lambda _conn: commits.append(1))
     batch = [_seen("A", "e1", T0), _seen("A", "e2", T0 + timedelta(seconds=1)), _seen("B", "e3", T0)]
     repeats = await ledger.intake(batch, [_history(s.event_id) for s in batch], window_s=WINDOW)
     assert repeats == {"e2": "e1"}

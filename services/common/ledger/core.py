@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from sqlalchemy import Table, text
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from services.common.ledger.engine import make_engine, make_write_engine
@@ -126,6 +126,11 @@ class LedgerCore:
     def from_url(cls, url: str, *, phone_key: SecretStr | None = None) -> Self:
         """``phone_key`` (``Settings.phone_hash_key``) is needed only to write or search the phone index."""
         return cls(make_engine(url), phone_key=phone_key)
+
+    @property
+    def write_engine(self) -> Engine:
+        """The engine the group commit's transactions run on (SQLite's writer thread, or the async engine's)."""
+        return self._write_engine if self._write_engine is not None else self.engine.sync_engine
 
     @property
     def dialect(self) -> str:
