@@ -298,7 +298,8 @@ class Settings(BaseSettings):
     failpoints: frozenset[str] = frozenset()
     # HMAC key of the ledger's phone index; unset: events are not findable by phone (nothing weaker is kept).
     phone_hash_key: SecretStr | None = None
-    # gc.freeze() once a role has started (services/common/heap.py); off only to measure what it does.
+    # The ingest API's gc.freeze() after start-up (services/common/heap.py); off only to measure it. The
+    # normalizer and the delivery services measured no difference with it (docs/benchmarks.md).
     gc_freeze: bool = True
     sources: list[SourceConfig] = Field(default_factory=list)
 

@@ -10,7 +10,6 @@ from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 from prometheus_client import make_asgi_app
 
-from services.common import heap
 from services.common.kafka import ensure_topics
 from services.common.ledger import Ledger, upgrade
 
@@ -34,11 +33,9 @@ def runtime_app(
             await upgrade(ledger.engine)
         await ensure_topics(runtime.settings.kafka)
         await runtime.start()
-        heap.freeze(runtime.settings.gc_freeze)
         try:
             yield
         finally:
-            heap.unfreeze(runtime.settings.gc_freeze)
             await runtime.stop()
             for close in closing:
                 await close()

@@ -32,7 +32,6 @@ from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from services.common import heap
 from services.common.config import Settings
 from services.common.events import CloudEvent
 from services.common.kafka import (
@@ -405,11 +404,7 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         background.append(asyncio.create_task(waiting.run(), name="normalizer-waiting"))
         background.append(asyncio.create_task(Purger(ledger, settings).run(), name="normalizer-purge"))
 
-    async def started() -> None:
-        heap.freeze(settings.gc_freeze)
-
     async def shutdown() -> None:
-        heap.unfreeze(settings.gc_freeze)
         for t in background:
             t.cancel()
         await waiting.stop()
@@ -425,7 +420,6 @@ def create_normalizer(settings: Settings, *, migrate: bool = False) -> AsgiFastS
         broker,
         asgi_routes=worker_routes(broker, [("database", ledger.ping)], progress=[watch, waiting.watch]),
         on_startup=[startup],
-        after_startup=[started],
         after_shutdown=[shutdown],
     )
 
