@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.delivery
+	$(BIN)/python -m bench.ledger
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -110,9 +110,12 @@ class _WriteQueue:
 class LedgerCore:
     """The engine and the write queue; the families (mixins) add their tables' reads and writes."""
 
-    def __init__(self, engine: AsyncEngine, *, phone_key: SecretStr | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, phone_key: SecretStr | None = None, write_thread: bool = True
+    ) -> None:
+        """``write_thread=False`` runs SQLite's group commit over aiosqlite too (``bench/ledger.py`` compares)."""
         self.engine = engine
-        self._write_engine = make_write_engine(engine)
+        self._write_engine = make_write_engine(engine) if write_thread else None
         # One thread: SQLite has one writer anyway, and the batches stay in the order they were made.
         self._write_thread = (
             ThreadPoolExecutor(1, "ledger-writes") if self._write_engine is not None else None
