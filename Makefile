@@ -35,8 +35,8 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.e2e
 	$(BIN)/python -m bench.ingest
-	$(BIN)/python -m bench.delivery
 	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.delivery
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
