@@ -98,7 +98,8 @@ async def test_rebalances_under_load_send_nothing_twice_and_keep_order(
 ) -> None:
     keys, per_key = 40, 40
     async with maxma_target(tmp_path) as t:
-        t.sandbox.set_latency(30)
+        # Slow enough that the load outlasts both rebalances (a cheaper ledger once delivered it all first).
+        t.sandbox.set_latency(60)
         roles = Roles(role_env(t.config, broker.bootstrap_servers, t.db_url), tmp_path)
         try:
             for k in range(keys):
