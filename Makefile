@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/relay demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 lint: $(STAMP)
 	$(BIN)/ruff check services tests bench
