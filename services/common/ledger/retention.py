@@ -92,17 +92,11 @@ class _ByAge:
     table: Table
     keys: tuple[Any, ...]  # the primary key's columns
     age: Any
-    only: Callable[[str], ColumnElement[bool] | None] | None = None  # of the dialect
+    only: ColumnElement[bool] | None = None
 
-    def old(self, cutoff: datetime, dialect: str) -> ColumnElement[bool]:
+    def old(self, cutoff: datetime) -> ColumnElement[bool]:
         cond = self.age < cutoff
-        only = self.only(dialect) if self.only is not None else None
-        return cond if only is None else and_(cond, only)
-
-
-def _not_pending(dialect: str) -> ColumnElement[bool] | None:
-    """An in-doubt create (the target may have the object) is an operator's to resolve, not the clock's."""
-    return ENTITIES.c.target_id != PENDING
+        return cond if self.only is None else and_(cond, self.only)
 
 
 _BY_AGE = {
@@ -112,7 +106,8 @@ _BY_AGE = {
         ENTITIES,
         (ENTITIES.c.connection, ENTITIES.c.kind, ENTITIES.c.klientiks_id),
         ENTITIES.c.updated_at,
-        _not_pending,
+        # An in-doubt create (the target may have the object) is an operator's to resolve, not the clock's.
+        ENTITIES.c.target_id != PENDING,
     ),
     "ingest_dedupe": _ByAge(DEDUPE, (DEDUPE.c.fingerprint,), DEDUPE.c.received_at),
 }
@@ -190,7 +185,7 @@ class Retention(LedgerCore):
     async def _purge_by_age(
         self, table: str, rule: _ByAge, cutoff: datetime, batch: int
     ) -> tuple[int, dict[str, int]]:
-        old = rule.old(cutoff, self.dialect)
+        old = rule.old(cutoff)
         key = rule.keys[0] if len(rule.keys) == 1 else tuple_(*rule.keys)
         # One statement: the candidates and their deletion in one transaction on either database, the
         # condition checked again on each row (a row updated meanwhile on PostgreSQL stays).
@@ -238,7 +233,7 @@ class Retention(LedgerCore):
 
             for table, rule in _BY_AGE.items():
                 if (cutoff := cutoffs[table]) is not None:
-                    counts[table] = await count(rule.table, rule.old(cutoff, self.dialect))
+                    counts[table] = await count(rule.table, rule.old(cutoff))
             if (cutoff := cutoffs["deliveries"]) is not None:
                 old = _settled_before(cutoff)
                 counts["deliveries"] = await count(DELIVERIES, old)
